@@ -1,0 +1,91 @@
+"""Settings: one frozen dataclass, parsed once at startup and passed down.
+
+Every field has a default and a help line; each is a command-line flag (`--max-waiting`) and
+an environment variable (`VLCHAT_MAX_WAITING`). A flag beats the variable, which beats the
+default. `python app.py --help` prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+from chat.engine.types import GenParams
+
+
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All limits and switches of one vlchat server."""
+
+    host: str = _opt("0.0.0.0", "Interface to listen on.")
+    port: int = _opt(8080, "Port to listen on.")
+    model: str = _opt(
+        "Qwen/Qwen3-VL-8B-Instruct",
+        "Hub id or local folder of a Qwen3-VL checkpoint; 'tiny-random' builds a random-weight test model.",
+    )
+    data_dir: Path = _opt(Path("data"), "Folder for the SQLite history, stored images and the tiny model.")
+    device: str = _opt("auto", "'auto' (GPU if present), 'cuda' or 'cpu'.")
+    auth: str = _opt("", "user:password for the page (Gradio auth); conversations then belong to the user.")
+    max_waiting: int = _opt(16, "Requests that may wait for the model; more get an immediate 'busy'.")
+    context_tokens: int = _opt(32768, "Longest conversation (prompt + answer) in tokens.")
+    default_max_new_tokens: int = _opt(1024, "Default answer length limit in tokens.")
+    max_new_tokens_limit: int = _opt(4096, "Largest answer length a request may ask for.")
+    max_image_bytes: int = _opt(20_000_000, "Largest image upload in bytes.")
+    max_image_pixels: int = _opt(40_000_000, "Largest image in pixels (width x height), checked before decoding.")
+    max_images_per_message: int = _opt(8, "Images one message may carry.")
+    max_images_per_conversation: int = _opt(32, "Images one conversation may hold.")
+    prefix_cache_entries: int = _opt(8, "Conversations whose KV state is kept for reuse across turns.")
+    prefix_cache_mb: int = _opt(8192, "Memory budget for kept KV state, in MiB.")
+    feature_cache_mb: int = _opt(1024, "Memory budget for kept vision features, in MiB.")
+    gradio_cache_hours: int = _opt(24, "Gradio's temporary upload files older than this are deleted.")
+    log_level: str = _opt("INFO", "Logging level.")
+
+    def clamp_params(
+        self, temperature: float | None, top_p: float | None, max_new_tokens: int | None, **extra
+    ) -> GenParams:
+        """Sampling settings within safe bounds (missing values take the defaults)."""
+        t = 0.7 if temperature is None else min(max(float(temperature), 0.0), 2.0)
+        p = 0.9 if top_p is None else min(max(float(top_p), 0.01), 1.0)
+        n = self.default_max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        n = min(max(n, 1), self.max_new_tokens_limit)
+        return GenParams(temperature=t, top_p=p, max_new_tokens=n, **extra)
+
+
+def _env_name(name: str) -> str:
+    return "VLCHAT_" + name.upper()
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line, built from the Settings fields."""
+    ap = argparse.ArgumentParser(
+        prog="app.py",
+        description="vlchat: multi-turn visual chat over Qwen3-VL, with a web page and an OpenAI-compatible API.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in fields(Settings):
+        default = f.default if f.default is not MISSING else None
+        ap.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=type(default) if not isinstance(default, Path) else Path,
+            default=default,
+            help=f"{f.metadata['help']} [env {_env_name(f.name)}]",
+        )
+    return ap
+
+
+def load_settings(argv: list[str] | None = None, environ: dict | None = None) -> Settings:
+    """Defaults, overridden by VLCHAT_* variables, overridden by flags."""
+    environ = os.environ if environ is None else environ
+    ap = parser()
+    for f in fields(Settings):
+        value = environ.get(_env_name(f.name))
+        if value is not None:
+            cast = Path if f.type in ("Path", Path) else type(f.default)
+            ap.set_defaults(**{f.name: cast(value)})
+    return Settings(**vars(ap.parse_args(argv)))

@@ -1,0 +1,226 @@
+"""Model loading: a hub id or a local folder, through the real `from_pretrained` path.
+
+`load()` is the only way the app gets a model. `--model tiny-random` does not bypass it:
+`build_tiny_random()` writes a small random-weight Qwen3-VL checkpoint (config, weights, a
+byte-level tokenizer carrying the Qwen special tokens, a Qwen-style chat template and the
+image processor config) into the data folder once, and then that folder is loaded exactly
+like a downloaded model. Tests and offline smoke runs therefore exercise the same code as
+production; only the numbers in the weights differ.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+TINY_RANDOM = "tiny-random"
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# A Qwen-style ChatML template written for the tiny checkpoint. The real model ships its own;
+# both render an image part as <|vision_start|><|image_pad|><|vision_end|>.
+TINY_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "<|im_start|>{{ message['role'] + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "<|im_end|>{{ '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|im_start|>{{ 'assistant\\n' }}{%- endif -%}"
+)
+
+
+class ModelLoadError(RuntimeError):
+    """Loading failed; the message is one paragraph that says what to do."""
+
+
+@dataclass
+class Loaded:
+    """What the engine needs from a loaded checkpoint."""
+
+    model: torch.nn.Module
+    processor: object
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    random_weights: bool
+
+
+def pick_device(requested: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """bf16 on the GPU when there is one, float32 on the CPU."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu"), torch.float32
+    return torch.device("cuda"), torch.bfloat16
+
+
+def tiny_random_config():
+    """The small Qwen3-VL config used for the tiny checkpoint (and its tests)."""
+    from transformers import Qwen3VLConfig
+
+    vocab = 256 + len(SPECIAL_TOKENS)
+    ids = {tok: 256 + i for i, tok in enumerate(SPECIAL_TOKENS)}
+    return Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=32768,
+            rope_parameters=dict(
+                rope_type="default", rope_theta=5_000_000.0, mrope_section=[2, 3, 3], mrope_interleaved=True
+            ),
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=64,
+            num_position_embeddings=256,
+            deepstack_visual_indexes=[0, 1],
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+
+
+def _tiny_tokenizer():
+    """A byte-level BPE with no merges: every byte is a token, plus the Qwen specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(byte_chars))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=32768,
+    )
+
+
+def build_tiny_random(folder: Path, seed: int = 0) -> Path:
+    """Write the tiny random-weight checkpoint to `folder` once; later calls reuse it."""
+    from transformers import (
+        GenerationConfig,
+        Qwen2VLImageProcessor,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
+
+    folder = Path(folder)
+    if (folder / "config.json").exists() and (folder / "vlchat-tiny.json").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    log.info("building the tiny random-weight Qwen3-VL checkpoint in %s", folder)
+    torch.manual_seed(seed)
+    config = tiny_random_config()
+    model = Qwen3VLForConditionalGeneration(config)
+    tokenizer = _tiny_tokenizer()
+    eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    with torch.no_grad():
+        # Random weights pick an end token about once per vocab-size steps; zeroing those rows
+        # keeps greedy answers long, so stop/streaming tests have something to interrupt.
+        model.lm_head.weight[eos] = 0.0
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos[1])
+    model.save_pretrained(folder)
+    image_processor = Qwen2VLImageProcessor(
+        patch_size=16,
+        temporal_patch_size=2,
+        merge_size=2,
+        size={"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 1024},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    video_processor = Qwen3VLVideoProcessor(patch_size=16, temporal_patch_size=2, merge_size=2)
+    processor = Qwen3VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=TINY_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(folder)
+    # Written last: its presence marks a complete build (a crash mid-build rebuilds).
+    (folder / "vlchat-tiny.json").write_text(json.dumps({"seed": seed, "random_weights": True}))
+    return folder
+
+
+def load(model: str, data_dir: Path, device: str = "auto") -> Loaded:
+    """Load processor and model from a hub id, a local folder or `tiny-random`."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    random_weights = model == TINY_RANDOM
+    source = str(build_tiny_random(Path(data_dir) / "models" / TINY_RANDOM) if random_weights else model)
+    dev, dtype = pick_device(device)
+    if random_weights:
+        dtype = torch.float32  # tiny: exactness over speed, and the same numbers on CPU and GPU
+    looks_local = source.startswith((".", "/", "~")) or Path(source).exists()
+    if looks_local and not Path(source).expanduser().is_dir():
+        raise ModelLoadError(
+            f"Model folder '{source}' does not exist. Pass --model with a folder that holds config.json "
+            "and the weights (for example one made with `huggingface-cli download`), a hub id such as "
+            "Qwen/Qwen3-VL-8B-Instruct on a machine that can reach the hub, or --model tiny-random for an "
+            "offline smoke run."
+        )
+    started = time.monotonic()
+    log.info("loading processor from %s", source)
+    try:
+        processor = AutoProcessor.from_pretrained(source)
+        log.info("loading model weights from %s on %s as %s (this can take a minute)", source, dev, dtype)
+        net = AutoModelForImageTextToText.from_pretrained(
+            source,
+            dtype=dtype,
+            device_map={"": str(dev)} if dev.type == "cuda" else None,
+            attn_implementation="sdpa",
+        )
+    except torch.cuda.OutOfMemoryError as exc:
+        raise ModelLoadError(
+            f"The GPU ran out of memory while loading '{source}' ({exc.__class__.__name__}). Qwen3-VL-8B needs "
+            "about 18 GB for weights plus room for images and the KV cache: free the GPU (other processes), "
+            "use a larger card, or try a smaller Qwen3-VL checkpoint with --model."
+        ) from exc
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise ModelLoadError(
+            f"Could not load model '{source}': {first} If this is a hub id, this machine may have no network "
+            "access or no token for it: download the model elsewhere (`huggingface-cli download "
+            "Qwen/Qwen3-VL-8B-Instruct --local-dir ./qwen3-vl-8b`), copy the folder here and pass "
+            "--model ./qwen3-vl-8b. Use --model tiny-random for an offline smoke run."
+        ) from exc
+    net.eval()
+    log.info("model ready in %.1f s: %s", time.monotonic() - started, source)
+    name = "tiny-random" if random_weights else model.rstrip("/")
+    return Loaded(model=net, processor=processor, name=name, device=dev, dtype=dtype, random_weights=random_weights)

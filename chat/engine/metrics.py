@@ -1,0 +1,40 @@
+"""Prometheus metrics for the engine, on a registry of its own (no process-wide globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_TOKEN_BUCKETS = (0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0)
+
+
+class Metrics:
+    """Counters and histograms the worker updates; `render()` is the /metrics body."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.images_encoded = Counter("vlchat_images_encoded", "Vision-encoder runs, counted per image.", registry=r)
+        self.prompt_tokens = Counter("vlchat_prompt_tokens", "Prompt tokens of all requests.", registry=r)
+        self.cached_prompt_tokens = Counter(
+            "vlchat_cached_prompt_tokens", "Prompt tokens reused from the prefix cache (not recomputed).", registry=r
+        )
+        self.generated_tokens = Counter("vlchat_generated_tokens", "Tokens generated.", registry=r)
+        self.requests = Counter("vlchat_requests", "Finished requests by outcome.", ["outcome"], registry=r)
+        self.waiting = Gauge("vlchat_requests_waiting", "Requests queued for the worker.", registry=r)
+        self.running = Gauge("vlchat_requests_running", "Requests being generated.", registry=r)
+        self.ttft = Histogram(
+            "vlchat_time_to_first_token_seconds", "From dequeue to the first token.", buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "vlchat_queue_wait_seconds", "Time a request waited in the queue.", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.token_latency = Histogram(
+            "vlchat_time_per_output_token_seconds", "Decode time per generated token.", buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        """Prometheus text exposition."""
+        return generate_latest(self.registry)

@@ -1,0 +1,116 @@
+"""The worker's small, stable interface: what goes in (ChatRequest) and what comes out (events).
+
+UI and API both speak only this. Scheduling inside the worker (prefix reuse, compiled decode,
+batching) can change without either door noticing.
+
+A message's content is a string or a list of parts: {"type": "text", "text": ...} or
+{"type": "image", "image_id": <sha256 of the stored, sanitized image>}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class EngineError(Exception):
+    """Base of the errors a caller can show to a person; `code` is stable for programs."""
+
+    code = "engine_error"
+
+
+class Busy(EngineError):
+    """The queue is full; try again shortly."""
+
+    code = "busy"
+
+    def __init__(self, waiting: int) -> None:
+        super().__init__(f"The server is busy: {waiting} requests are waiting. Try again in a moment.")
+        self.waiting = waiting
+
+
+class NotReady(EngineError):
+    """The model is still loading or warming up."""
+
+    code = "not_ready"
+
+    def __init__(self) -> None:
+        super().__init__("The model is still loading; try again in a moment.")
+
+
+class ContextTooLong(EngineError):
+    """Prompt plus requested answer would not fit."""
+
+    code = "context_length_exceeded"
+
+
+class GenerationFailed(EngineError):
+    """The model failed while generating (out of memory, a bug); the worker goes on serving."""
+
+    code = "generation_failed"
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """Sampling settings for one request; bounds are enforced by `Settings.clamp_params`."""
+
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 1024
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class ChatRequest:
+    """One generation: the whole conversation so far, ending with the user's turn."""
+
+    messages: list[dict]
+    params: GenParams = field(default_factory=GenParams)
+    session: str | None = None  # a hint for prefix reuse (a conversation id); never required
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts for one request, OpenAI style plus the vision-encoder work done."""
+
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    images_encoded: int
+
+    def as_dict(self) -> dict:
+        """Plain dict for storage and JSON."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "completion_tokens": self.completion_tokens,
+            "images_encoded": self.images_encoded,
+        }
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New answer text, always whole characters."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    """The request ended. finish_reason: 'stop', 'length' or 'cancelled'."""
+
+    finish_reason: str
+    text: str
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The request ended with an error; `message` is safe to show."""
+
+    message: str
+    code: str
+    text: str = ""
+
+
+Event = Delta | Done | Failed

@@ -1,0 +1,336 @@
+"""The one thread that owns the model.
+
+Callers `submit()` a ChatRequest and get a Handle: an iterator of events (Delta, then Done or
+Failed) and a `cancel()` that the worker honours between two decode steps. The queue is
+bounded; a full queue raises Busy at once instead of hanging the caller. An optional
+`on_finish` callback runs on the worker thread with the final event, so a result is recorded
+even when nobody is reading the stream any more (a closed tab).
+
+Everything that touches torch happens on this thread: prefix and feature caches need no locks
+and CUDA sees one stream of work.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from PIL import Image
+
+from chat.engine.cache import FeatureCache, PrefixCache, crop_kv
+from chat.engine.metrics import Metrics
+from chat.engine.prompt import Prompt, render
+from chat.engine.runner import Runner, TextStream, sample
+from chat.engine.types import (
+    Busy,
+    ChatRequest,
+    ContextTooLong,
+    Delta,
+    Done,
+    Event,
+    Failed,
+    GenerationFailed,
+    GenParams,
+    NotReady,
+    Usage,
+)
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+class Handle:
+    """One submitted request, as seen by its caller."""
+
+    def __init__(self, request: ChatRequest, on_finish: Callable[[Event], None] | None) -> None:
+        self.request = request
+        self.on_finish = on_finish
+        self.enqueued = time.monotonic()
+        self.result: Done | Failed | None = None
+        self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+
+    def cancel(self) -> None:
+        """Ask the worker to stop this request; it does so within a decode step."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether cancel() was called."""
+        return self._cancel.is_set()
+
+    def events(self, timeout: float | None = None) -> Iterator[Event]:
+        """Yield events until the final Done or Failed (raises queue.Empty after `timeout` idle seconds)."""
+        while True:
+            event = self._events.get(timeout=timeout)
+            yield event
+            if isinstance(event, (Done, Failed)):
+                return
+
+    def wait(self, timeout: float | None = None) -> Done | Failed | None:
+        """Block until the request ends; the final event."""
+        self._done.wait(timeout)
+        return self.result
+
+    def _emit(self, event: Event) -> None:
+        self._events.put(event)
+
+    def _finish(self, event: Done | Failed) -> None:
+        self.result = event
+        self._events.put(event)
+        if self.on_finish is not None:
+            try:
+                self.on_finish(event)
+            except Exception:  # a broken callback must not take the worker down
+                log.exception("on_finish callback failed")
+        self._done.set()
+
+
+class Engine:
+    """The shared model worker used by both the page and the API."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        fetch_image: Callable[[str], Image.Image],
+        *,
+        max_waiting: int = 16,
+        max_context: int = 32768,
+        prefix_entries: int = 8,
+        prefix_bytes: int = 4 << 30,
+        feature_bytes: int = 1 << 30,
+    ) -> None:
+        self.runner = runner
+        self.fetch_image = fetch_image
+        self.metrics = Metrics()
+        self.max_context = min(max_context, runner.max_context)
+        self.prefix = PrefixCache(prefix_entries, prefix_bytes)
+        self.features = FeatureCache(feature_bytes)
+        self.ready = threading.Event()
+        self.warmup_seconds: float | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=max_waiting)
+        self._grids: dict[str, tuple[int, int, int]] = {}
+        self._thread = threading.Thread(target=self._loop, name="vlchat-worker", daemon=True)
+        self._extra_images: dict[str, Image.Image] = {}
+
+    # -- caller side -------------------------------------------------------------------------
+
+    def start(self, warmup: bool = True) -> None:
+        """Start the worker thread; it warms up, then reports ready."""
+        self._thread.start()
+        if not warmup:
+            self.ready.set()
+        else:
+            self._queue.put(("warmup", None))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the worker after the request in hand."""
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued and not yet started."""
+        return self._queue.qsize()
+
+    def submit(self, request: ChatRequest, on_finish: Callable[[Event], None] | None = None) -> Handle:
+        """Queue a request; raises NotReady before warm-up ends and Busy when the queue is full."""
+        if not self.ready.is_set():
+            raise NotReady()
+        handle = Handle(request, on_finish)
+        try:
+            self._queue.put_nowait(handle)
+        except queue.Full:
+            raise Busy(self._queue.qsize()) from None
+        self.metrics.waiting.set(self._queue.qsize())
+        return handle
+
+    # -- worker side -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            self.metrics.waiting.set(self._queue.qsize())
+            if item is _STOP:
+                return
+            if isinstance(item, tuple):
+                self._warmup()
+                continue
+            self.metrics.running.set(1)
+            try:
+                self._serve(item, self.metrics)
+            finally:
+                self.metrics.running.set(0)
+
+    def _warmup(self) -> None:
+        started = time.monotonic()
+        self._extra_images["warmup"] = Image.new("RGB", (96, 64), (120, 160, 200))
+        try:
+            request = ChatRequest(
+                messages=[{"role": "user", "content": [{"type": "image", "image_id": "warmup"},
+                                                       {"type": "text", "text": "Describe."}]}],
+                params=GenParams(temperature=0.0, max_new_tokens=4),
+            )
+            handle = Handle(request, None)
+            self._serve(handle, Metrics())  # a throwaway registry: warm-up is not traffic
+            if isinstance(handle.result, Failed):
+                log.error("warm-up failed: %s", handle.result.message)
+        finally:
+            self._extra_images.clear()
+            self._grids.pop("warmup", None)
+            self.prefix.clear()
+            self.features.clear()
+        self.warmup_seconds = time.monotonic() - started
+        log.info("warm-up done in %.1f s; ready", self.warmup_seconds)
+        self.ready.set()
+
+    def _image(self, image_id: str) -> Image.Image:
+        extra = self._extra_images.get(image_id)
+        return extra if extra is not None else self.fetch_image(image_id)
+
+    def build_prompt(self, messages: list[dict]) -> tuple[Prompt, dict[str, Image.Image]]:
+        """Render messages; images whose grid is unknown are opened once (and returned for encoding)."""
+        opened: dict[str, Image.Image] = {}
+        grids = {}
+        for msg in messages:
+            if isinstance(msg["content"], str):
+                continue
+            for part in msg["content"]:
+                if part["type"] != "image":
+                    continue
+                image_id = part["image_id"]
+                if image_id not in self._grids:
+                    img = opened[image_id] = self._image(image_id)
+                    self._grids[image_id] = self.runner.grid(img.width, img.height)
+                grids[image_id] = self._grids[image_id]
+        return render(self.runner.processor, messages, grids, self.runner.merge), opened
+
+    def _serve(self, handle: Handle, metrics: Metrics) -> None:
+        metrics.queue_wait.observe(time.monotonic() - handle.enqueued)
+        if handle.cancelled:
+            handle._finish(Done("cancelled", "", Usage(0, 0, 0, 0)))
+            metrics.requests.labels("cancelled").inc()
+            return
+        try:
+            result = self._generate(handle, metrics)
+        except ContextTooLong as exc:
+            result = Failed(str(exc), exc.code)
+        except torch.cuda.OutOfMemoryError:
+            log.exception("out of GPU memory")
+            self.prefix.clear()
+            self.features.clear()
+            torch.cuda.empty_cache()
+            result = Failed("The GPU ran out of memory for this request. Try a shorter conversation or fewer "
+                            "images.", GenerationFailed.code)
+        except Exception:
+            log.exception("generation failed")
+            result = Failed("The model failed while answering; the error is in the server log.",
+                            GenerationFailed.code)
+        outcome = result.finish_reason if isinstance(result, Done) else "error"
+        metrics.requests.labels(outcome).inc()
+        handle._finish(result)
+
+    def _generate(self, handle: Handle, metrics: Metrics) -> Done:
+        started = time.monotonic()
+        runner = self.runner
+        params = handle.request.params
+        prompt, opened = self.build_prompt(handle.request.messages)
+        n_prompt = len(prompt.ids)
+        room = self.max_context - n_prompt
+        if room < 1:
+            raise ContextTooLong(
+                f"The conversation is {n_prompt} tokens; the limit is {self.max_context}. "
+                "Start a new chat or remove an image."
+            )
+        max_new = max(1, min(params.max_new_tokens, room))
+
+        entry, reuse = self.prefix.take(prompt.keys)
+        reuse = min(reuse, n_prompt - 1)  # at least one token must run to give logits
+        for span in prompt.images:
+            if span.start < reuse < span.start + span.length:
+                reuse = span.start  # never split an image: its features go in whole
+        if entry is not None and reuse > 0:
+            kv = entry.kv
+            crop_kv(kv, reuse)
+        else:
+            kv, reuse = runner.new_cache(), 0
+
+        new_spans = [s for s in prompt.images if s.start >= reuse]
+        missing = [s.image_id for s in new_spans if self.features.get(s.image_id) is None]
+        missing = list(dict.fromkeys(missing))
+        if missing:
+            images = [opened.get(i) or self._image(i) for i in missing]
+            for image_id, feats in zip(missing, runner.encode(images)):
+                self.features.put(image_id, feats)
+                opened[image_id] = feats  # keeps them alive even if the LRU refused them
+            metrics.images_encoded.inc(len(missing))
+        visual = []
+        for span in new_spans:
+            feats = self.features.get(span.image_id) or opened[span.image_id]
+            visual.append((span.start - reuse, feats))
+
+        metrics.prompt_tokens.inc(n_prompt)
+        metrics.cached_prompt_tokens.inc(reuse)
+        logits = runner.forward(prompt.ids[reuse:], prompt.positions[:, reuse:], reuse, kv, visual)
+
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator().manual_seed(params.seed)
+        stream = TextStream(runner.processor.tokenizer)
+        stops = [s for s in params.stop if s]
+        hold = max((len(s) for s in stops), default=1) - 1
+        emitted = 0
+        generated: list[int] = []
+        finish = "length"
+        position, seq = prompt.next_position, n_prompt
+        first_at = last_at = None
+        while True:
+            token = sample(logits, params.temperature, params.top_p, generator)
+            generated.append(token)
+            now = time.monotonic()
+            if first_at is None:
+                first_at = now
+                metrics.ttft.observe(now - started)
+            else:
+                metrics.token_latency.observe(now - last_at)
+            last_at = now
+            if token in runner.eos_ids:
+                finish = "stop"
+                break
+            stream.push(token)
+            text = stream.text
+            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                stream.text = text[:cut]
+                finish = "stop"
+                break
+            if len(text) - hold > emitted:
+                handle._emit(Delta(text[emitted : len(text) - hold]))
+                emitted = len(text) - hold
+            if handle.cancelled:
+                finish = "cancelled"
+                break
+            if len(generated) >= max_new:
+                break
+            pos = torch.full((3, 1), position, dtype=torch.long)
+            logits = runner.forward([token], pos, seq, kv)
+            position += 1
+            seq += 1
+        if len(stream.text) > emitted:
+            handle._emit(Delta(stream.text[emitted:]))
+        metrics.generated_tokens.inc(len(generated))
+
+        # The last sampled token was never fed, so the cache holds prompt + generated[:-1].
+        keys = prompt.keys + generated[:-1]
+        if kv.get_seq_length() == len(keys):
+            self.prefix.put(keys, kv)
+        else:  # should not happen; never keep a cache whose keys we cannot vouch for
+            log.warning("prefix cache length mismatch (%d vs %d); dropped", kv.get_seq_length(), len(keys))
+        usage = Usage(n_prompt, reuse, len(generated), len(missing))
+        return Done(finish, stream.text, usage)
