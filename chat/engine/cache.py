@@ -1,10 +1,12 @@
 """Reuse across turns: KV prefixes and vision features, each an LRU.
 
 Prefix cache: each entry is the KV state of one finished request, with the cache keys of
-every token it holds (see prompt.py). A new request takes the entry sharing the longest
-prefix with it, crops it to that prefix and extends it; the entry then leaves the cache
-(the worker stores the extended state back when the request ends), so no two requests ever
-write into one KV object.
+every token it holds (see prompt.py). A new request finds the entry sharing the longest
+prefix with it. When the request continues that entry (same session, or it covers the whole
+entry) it takes the entry out, crops it and extends it in place: no copy, and the worker
+stores the extended state back when the request ends. When it only shares a part (another
+conversation with the same system prompt and image, a branch) it gets a copy of the shared
+part and the entry stays for its owner. Either way no two requests write into one KV object.
 
 Feature cache: the vision tower's output for an image (merged embeddings plus the DeepStack
 feature sets that travel with them), so an image whose prefix was evicted or that appears
@@ -30,6 +32,7 @@ class PrefixEntry:
     keys: list[int]
     kv: object  # a transformers Cache
     nbytes: int
+    session: str | None = None
 
 
 @dataclass
@@ -64,6 +67,17 @@ def crop_kv(kv, length: int) -> None:
             layer.values = layer.values[..., :length, :]
 
 
+def copy_prefix(kv, length: int, into):
+    """Fill the empty cache `into` with a copy of the first `length` tokens of `kv`."""
+    for idx, layer in enumerate(kv.layers):
+        into.update(layer.keys[..., :length, :].clone(), layer.values[..., :length, :].clone(), idx)
+    return into
+
+
+# Sharing fewer tokens than this is not worth a copy: prefill them again.
+MIN_SHARED = 16
+
+
 class PrefixCache:
     """LRU of KV prefixes under an entry count and a byte budget."""
 
@@ -81,22 +95,35 @@ class PrefixCache:
         """Bytes held by all entries."""
         return sum(e.nbytes for e in self._entries.values())
 
-    def take(self, keys: list[int], min_match: int = 1) -> tuple[PrefixEntry | None, int]:
-        """Remove and return the entry sharing the longest prefix with `keys`, and that length."""
+    def take(self, keys: list[int], session: str | None, limit: int, new_cache) -> tuple[object | None, int]:
+        """KV state holding the longest cached prefix of `keys` (at most `limit` tokens) and its length.
+
+        The state is the entry itself when this request continues it, else a copy of the shared
+        part (made with `new_cache()`); (None, 0) when nothing useful is shared.
+        """
         best_id, best_len = None, 0
         for entry_id, entry in self._entries.items():
             n = common_prefix(entry.keys, keys)
             if n > best_len:
                 best_id, best_len = entry_id, n
-        if best_id is None or best_len < min_match:
+        best_len = min(best_len, limit)
+        if best_id is None or best_len == 0:
             return None, 0
-        return self._entries.pop(best_id), best_len
+        entry = self._entries[best_id]
+        if (session is not None and entry.session == session) or best_len >= len(entry.keys):
+            del self._entries[best_id]
+            crop_kv(entry.kv, best_len)
+            return entry.kv, best_len
+        if best_len < MIN_SHARED:
+            return None, 0
+        self._entries.move_to_end(best_id)
+        return copy_prefix(entry.kv, best_len, new_cache()), best_len
 
-    def put(self, keys: list[int], kv) -> None:
+    def put(self, keys: list[int], kv, session: str | None = None) -> None:
         """Store a finished request's state as most recent, evicting the oldest over budget."""
         if self.max_entries <= 0:
             return
-        entry = PrefixEntry(keys=keys, kv=kv, nbytes=kv_nbytes(kv))
+        entry = PrefixEntry(keys=keys, kv=kv, nbytes=kv_nbytes(kv), session=session)
         if entry.nbytes > self.max_bytes:
             return
         self._entries[self._next] = entry

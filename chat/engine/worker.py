@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 import torch
 from PIL import Image
 
-from chat.engine.cache import FeatureCache, PrefixCache, crop_kv
+from chat.engine.cache import FeatureCache, PrefixCache
 from chat.engine.metrics import Metrics
 from chat.engine.prompt import Prompt, render
 from chat.engine.runner import Runner, TextStream, sample
@@ -250,23 +250,22 @@ class Engine:
             )
         max_new = max(1, min(params.max_new_tokens, room))
 
-        entry, reuse = self.prefix.take(prompt.keys)
-        reuse = min(reuse, n_prompt - 1)  # at least one token must run to give logits
+        # Reuse up to the last prompt token (one must run to give logits), never splitting an image.
+        limit = n_prompt - 1
         for span in prompt.images:
-            if span.start < reuse < span.start + span.length:
-                reuse = span.start  # never split an image: its features go in whole
-        if entry is not None and reuse > 0:
-            kv = entry.kv
-            crop_kv(kv, reuse)
-        else:
-            kv, reuse = runner.new_cache(), 0
+            if span.start < limit < span.start + span.length:
+                limit = span.start
+        session = handle.request.session
+        kv, reuse = self.prefix.take(prompt.keys, session, limit, runner.new_cache)
+        if kv is None:
+            kv = runner.new_cache()
 
         new_spans = [s for s in prompt.images if s.start >= reuse]
         missing = [s.image_id for s in new_spans if self.features.get(s.image_id) is None]
         missing = list(dict.fromkeys(missing))
         if missing:
             images = [opened.get(i) or self._image(i) for i in missing]
-            for image_id, feats in zip(missing, runner.encode(images)):
+            for image_id, feats in zip(missing, runner.encode(images), strict=True):
                 self.features.put(image_id, feats)
                 opened[image_id] = feats  # keeps them alive even if the LRU refused them
             metrics.images_encoded.inc(len(missing))
@@ -329,7 +328,7 @@ class Engine:
         # The last sampled token was never fed, so the cache holds prompt + generated[:-1].
         keys = prompt.keys + generated[:-1]
         if kv.get_seq_length() == len(keys):
-            self.prefix.put(keys, kv)
+            self.prefix.put(keys, kv, session)
         else:  # should not happen; never keep a cache whose keys we cannot vouch for
             log.warning("prefix cache length mismatch (%d vs %d); dropped", kv.get_seq_length(), len(keys))
         usage = Usage(n_prompt, reuse, len(generated), len(missing))

@@ -1,0 +1,216 @@
+"""The worker on the tiny random model: exact prompts and logits, reuse, streaming, stop, busy, errors."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from PIL import Image
+
+from chat.engine.prompt import template_messages
+from chat.engine.runner import Runner, TextStream
+from chat.engine.types import Busy, ChatRequest, Delta, Done, Failed, GenParams, NotReady
+from chat.engine.worker import Engine
+
+RED = Image.new("RGB", (200, 120), (200, 10, 10))
+FRACTAL = Image.effect_mandelbrot((96, 288), (-2, -1, 1, 1), 60).convert("RGB")
+IMAGES = {"red": RED, "fractal": FRACTAL}
+
+
+def user(text, *image_ids):
+    return {"role": "user", "content": [*({"type": "image", "image_id": i} for i in image_ids),
+                                        {"type": "text", "text": text}]}
+
+
+@pytest.fixture
+def engine(loaded):
+    eng = Engine(Runner(loaded.model, loaded.processor), IMAGES.__getitem__, max_waiting=4)
+    eng.start(warmup=True)
+    assert eng.ready.wait(60)
+    yield eng
+    eng.shutdown()
+
+
+def run(eng, messages, **params):
+    handle = eng.submit(ChatRequest(messages, GenParams(**{"temperature": 0.0, "max_new_tokens": 12, **params})))
+    events = list(handle.events(timeout=60))
+    return events
+
+
+def reference_logits(loaded, messages):
+    """Last-position logits of a full, uncached forward through transformers' own model class."""
+    tmpl, ids = template_messages(messages)
+    text = loaded.processor.apply_chat_template(tmpl, tokenize=False, add_generation_prompt=True)
+    inputs = loaded.processor(text=[text], images=[IMAGES[i] for i in ids] or None, return_tensors="pt")
+    loaded.model.model.rope_deltas = None
+    with torch.no_grad():
+        out = loaded.model(**inputs)
+    return inputs["input_ids"][0].tolist(), out.logits[0, -1]
+
+
+def test_prompt_and_first_turn_match_transformers(engine, loaded):
+    messages = [{"role": "system", "content": "Be brief."}, user("What is this? é", "red", "fractal")]
+    prompt, _ = engine.build_prompt(messages)
+    ref_ids, ref = reference_logits(loaded, messages)
+    assert prompt.ids == ref_ids
+    runner = engine.runner
+    feats = runner.encode([RED, FRACTAL])
+    kv = runner.new_cache()
+    logits = runner.forward(prompt.ids, prompt.positions, 0, kv,
+                            [(s.start, f) for s, f in zip(prompt.images, feats, strict=True)])
+    assert (logits[0] - ref).abs().max().item() < 1e-4
+
+
+def test_cached_turns_equal_full_prefill_and_encode_image_once(engine, loaded):
+    calls = []
+    visual = loaded.model.model.visual
+    original = visual.forward
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    visual.forward = counting
+    try:
+        messages = [user("Describe the image.", "red")]
+        usages = []
+        for follow_up in ("What colour is it?", "And the shape?", "Thanks"):
+            events = run(engine, messages)
+            done = events[-1]
+            assert isinstance(done, Done)
+            usages.append(done.usage)
+            messages = messages + [{"role": "assistant", "content": done.text}, user(follow_up)]
+    finally:
+        visual.forward = original
+    assert len(calls) == 1  # three turns, one vision-encoder run
+    assert [u.images_encoded for u in usages] == [1, 0, 0]
+    assert usages[0].cached_tokens == 0
+    assert usages[1].cached_tokens > usages[0].prompt_tokens  # turn 1 prompt + its answer reused
+    assert usages[2].cached_tokens > usages[1].prompt_tokens
+
+    # The state the cache built equals a fresh full prefill of the same conversation.
+    prompt, _ = engine.build_prompt(messages)
+    kv, reuse = engine.prefix.take(prompt.keys, None, len(prompt.ids) - 1, engine.runner.new_cache)
+    assert reuse > len(prompt.ids) // 2
+    logits = engine.runner.forward(prompt.ids[reuse:], prompt.positions[:, reuse:], reuse, kv)
+    _, ref = reference_logits(loaded, messages)
+    assert (logits[0] - ref).abs().max().item() < 1e-4
+
+
+def test_follow_up_after_other_conversation_and_new_image(engine, loaded):
+    first = [user("Look at this.", "red")]
+    done = run(engine, first)[-1]
+    other = run(engine, [user("Something else entirely.", "fractal")])[-1]
+    assert isinstance(other, Done)
+    second = first + [{"role": "assistant", "content": done.text}, user("Now compare with this one.", "fractal")]
+    prompt, _ = engine.build_prompt(second)
+    kv, reuse = engine.prefix.take(prompt.keys, None, len(prompt.ids) - 1, engine.runner.new_cache)
+    assert reuse > prompt.images[0].start + prompt.images[0].length  # the red image's prefix survived
+    new = [(s.start - reuse, engine.features.get(s.image_id)) for s in prompt.images if s.start >= reuse]
+    assert len(new) == 1 and new[0][1] is not None  # the fractal's features were kept
+    logits = engine.runner.forward(prompt.ids[reuse:], prompt.positions[:, reuse:], reuse, kv, new)
+    _, ref = reference_logits(loaded, second)
+    assert (logits[0] - ref).abs().max().item() < 1e-4
+
+
+def test_streaming_deltas_add_up_to_the_answer(engine):
+    events = run(engine, [user("Tell me a long story.", "red")], max_new_tokens=40, temperature=1.0, seed=3)
+    deltas = [e.text for e in events if isinstance(e, Delta)]
+    done = events[-1]
+    assert isinstance(done, Done) and done.finish_reason in ("length", "stop")
+    assert deltas and all(deltas)
+    assert "".join(deltas) == done.text
+    assert done.usage.completion_tokens <= 40
+
+
+def test_text_stream_never_splits_a_character(loaded):
+    tok = loaded.processor.tokenizer
+    ids = tok("añ€😀z", add_special_tokens=False)["input_ids"]
+    assert len(ids) > 5  # byte-level: multi-byte characters take several tokens
+    stream = TextStream(tok)
+    pieces = [stream.push(i) for i in ids]
+    assert "".join(pieces) == "añ€😀z"
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_stop_ends_generation_within_two_steps(engine):
+    forwards = []
+    original = engine.runner.forward
+    cancelled_at = []
+
+    def counting(*args, **kwargs):
+        forwards.append(1)
+        return original(*args, **kwargs)
+
+    engine.runner.forward = counting
+    try:
+        handle = engine.submit(ChatRequest([user("Go on forever.", "red")], GenParams(temperature=0.0,
+                                                                                        max_new_tokens=4000)))
+        for event in handle.events(timeout=60):
+            if isinstance(event, Delta) and not cancelled_at:
+                handle.cancel()
+                cancelled_at.append(len(forwards))
+        done = handle.result
+    finally:
+        engine.runner.forward = original
+    assert isinstance(done, Done) and done.finish_reason == "cancelled"
+    assert len(forwards) - cancelled_at[0] <= 2
+    assert done.usage.completion_tokens < 50
+    # The worker is free again at once.
+    assert isinstance(run(engine, [user("hi")])[-1], Done)
+
+
+def test_full_queue_is_refused_at_once(loaded):
+    gate = threading.Event()
+
+    def slow_fetch(image_id):
+        gate.wait(30)
+        return RED
+
+    eng = Engine(Runner(loaded.model, loaded.processor), slow_fetch, max_waiting=1)
+    eng.start(warmup=False)
+    try:
+        first = eng.submit(ChatRequest([user("a", "red")], GenParams(max_new_tokens=2)))
+        for _ in range(100):  # wait until the worker holds the first request
+            if eng.waiting == 0:
+                break
+            threading.Event().wait(0.01)
+        second = eng.submit(ChatRequest([user("b")], GenParams(max_new_tokens=2)))
+        with pytest.raises(Busy) as info:
+            eng.submit(ChatRequest([user("c")], GenParams(max_new_tokens=2)))
+        assert "1 requests are waiting" in str(info.value)
+        gate.set()
+        assert isinstance(first.wait(30), Done) and isinstance(second.wait(30), Done)
+    finally:
+        gate.set()
+        eng.shutdown()
+
+
+def test_not_ready_before_warmup(loaded):
+    eng = Engine(Runner(loaded.model, loaded.processor), IMAGES.__getitem__)
+    with pytest.raises(NotReady):
+        eng.submit(ChatRequest([user("hi")]))
+
+
+def test_error_in_generation_becomes_an_event_and_worker_goes_on(engine):
+    finished = []
+    handle = engine.submit(ChatRequest([user("?", "missing-image")], GenParams(max_new_tokens=3)),
+                           on_finish=finished.append)
+    events = list(handle.events(timeout=30))
+    assert isinstance(events[-1], Failed) and events[-1].code == "generation_failed"
+    assert "KeyError" not in events[-1].message  # no internals in the user's message
+    assert finished == [events[-1]]
+    assert isinstance(run(engine, [user("still there?")])[-1], Done)
+
+
+def test_stop_strings_cut_the_answer(engine):
+    probe = run(engine, [user("Say something.", "fractal")], max_new_tokens=30, temperature=1.0, seed=7)[-1]
+    assert len(probe.text) > 6
+    stop = probe.text[4:6]
+    events = run(engine, [user("Say something.", "fractal")], max_new_tokens=30, temperature=1.0, seed=7,
+                 stop=(stop,))
+    done = events[-1]
+    assert done.finish_reason == "stop"
+    assert stop not in done.text and probe.text.startswith(done.text)
+    assert "".join(e.text for e in events if isinstance(e, Delta)) == done.text
