@@ -1,0 +1,138 @@
+"""vlchat entry point: settings -> store + engine -> one FastAPI app (page at /, /health, /metrics) -> uvicorn.
+
+The server listens at once; the model loads and warms up in the background, and /health says
+503 until it is ready. A model that cannot be loaded ends the process with one paragraph that
+says what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import sys
+import threading
+from pathlib import Path
+
+from chat.config import Settings, load_settings
+
+log = logging.getLogger("vlchat")
+
+
+class _NotLoaded:
+    """Stands in for the engine until the model is ready."""
+
+    ready = threading.Event()
+    waiting = 0
+
+    def submit(self, *args, **kwargs):
+        from chat.engine.types import NotReady
+
+        raise NotReady()
+
+
+def browser_key(data_dir: Path) -> str:
+    """The key that encrypts browser identities; kept in the data folder so it survives restarts."""
+    path = data_dir / "browser.key"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
+def start_engine(settings: Settings, store, ctx, server) -> None:
+    """Load the model, start the worker and hand it to the page; on failure stop the server."""
+    from chat.engine.loader import ModelLoadError, load
+    from chat.engine.runner import Runner
+    from chat.engine.worker import Engine
+    from chat.images import open_clean
+
+    try:
+        loaded = load(settings.model, settings.data_dir, settings.device)
+    except ModelLoadError as exc:
+        log.error("%s", exc)
+        print(f"\nvlchat could not start: {exc}\n", file=sys.stderr, flush=True)
+        ctx.exit_code = 2
+        server.should_exit = True
+        return
+    engine = Engine(
+        Runner(loaded.model, loaded.processor),
+        lambda image_id: open_clean(store.image_bytes(image_id)),
+        max_waiting=settings.max_waiting,
+        max_context=settings.context_tokens,
+        prefix_entries=settings.prefix_cache_entries,
+        prefix_bytes=settings.prefix_cache_mb << 20,
+        feature_bytes=settings.feature_cache_mb << 20,
+    )
+    ctx.model_name = loaded.name
+    engine.start(warmup=True)
+    ctx.engine = engine
+
+
+def create_app(settings: Settings):
+    """The FastAPI app with the page mounted; returns (app, ctx, store)."""
+    os.environ.setdefault("GRADIO_TEMP_DIR", str((settings.data_dir / "gradio").resolve()))
+    import gradio as gr
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, Response
+
+    from chat import ui
+    from chat.store import Store
+
+    store = Store(settings.data_dir)
+    recovered = store.recover_interrupted()
+    if recovered:
+        log.info("marked %d answers interrupted by the last shutdown", recovered)
+    ctx = ui.Ctx(store=store, engine=_NotLoaded(), settings=settings, random_weights=settings.model == "tiny-random",
+                 model_name=settings.model)
+    app = FastAPI(title="vlchat", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/health")
+    def health():
+        engine = ctx.engine
+        body = {"status": "ok" if engine.ready.is_set() else "loading", "model": ctx.model_name,
+                "waiting": engine.waiting}
+        return JSONResponse(body, status_code=200 if engine.ready.is_set() else 503)
+
+    @app.get("/metrics")
+    def metrics():
+        registry = getattr(ctx.engine, "metrics", None)
+        data = registry.render() if registry is not None else b""
+        return Response(data, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    hours = settings.gradio_cache_hours * 3600
+    demo = ui.build(ctx, browser_key(settings.data_dir), delete_cache=(min(hours, 3600), hours))
+    demo.queue(api_open=False, max_size=settings.max_waiting * 4, default_concurrency_limit=None)
+    auth = tuple(settings.auth.split(":", 1)) if settings.auth else None
+    app = gr.mount_gradio_app(
+        app, demo, path="/", auth=auth, show_error=False, max_file_size=settings.max_image_bytes,
+        allowed_paths=[str(store.images_dir)],
+        blocked_paths=[str(settings.data_dir / "vlchat.db"), str(settings.data_dir / "models"),
+                       str(settings.data_dir / "browser.key")],
+        footer_links=[], ssr_mode=False,
+    )
+    return app, ctx, store
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the server until interrupted."""
+    settings = load_settings(argv)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    import uvicorn
+
+    app, ctx, store = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning"))
+    threading.Thread(target=start_engine, args=(settings, store, ctx, server), name="vlchat-load", daemon=True).start()
+    log.info("serving on http://%s:%d (the model loads in the background; /health says when ready)",
+             settings.host, settings.port)
+    server.run()
+    if getattr(ctx.engine, "shutdown", None):
+        ctx.engine.shutdown()
+    store.close()
+    return ctx.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

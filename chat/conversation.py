@@ -1,0 +1,92 @@
+"""The message model shared by page, API and store: modes, and stored rows -> engine messages.
+
+A stored message is a row from `Store.messages()` (role, text, image_ids, status). The engine
+takes chat-template messages whose content is a list of parts; images come first in a user
+turn, then its text, which is how Qwen3-VL was trained to see a question about an image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A use of the app: a system prompt plus sensible sampling defaults."""
+
+    key: str
+    label: str
+    system_prompt: str
+    temperature: float
+    max_new_tokens: int
+
+
+MODES: dict[str, Mode] = {
+    m.key: m
+    for m in (
+        Mode(
+            "general",
+            "General chat",
+            "You are a helpful assistant. Answer questions about the user's images and text accurately and "
+            "say so when something in an image is unclear.",
+            0.7,
+            1024,
+        ),
+        Mode(
+            "troubleshoot",
+            "Screenshot troubleshooting",
+            "You help people fix software problems from screenshots. First transcribe the exact error text "
+            "from the screenshot in a fenced code block, character for character. Then explain the likely "
+            "cause in plain words, then give the fix as numbered steps with any commands in code blocks. "
+            "If the text is unreadable, say which part and ask for a sharper screenshot.",
+            0.2,
+            1536,
+        ),
+        Mode(
+            "scene",
+            "Scene description",
+            "You describe images for a blind or low-vision person. Start with one sentence that gives the "
+            "overview. Then give the important details in order of importance: people, text and signs, "
+            "obstacles and hazards, and where things are using left, right, ahead, near and far. Be concise "
+            "and concrete; do not guess at what cannot be seen. Give more detail only when asked.",
+            0.3,
+            512,
+        ),
+    )
+}
+DEFAULT_MODE = "general"
+
+# Only these statuses carry text the model should see again on the next turn.
+_REPLAYED = ("complete", "stopped", "interrupted")
+
+
+def mode_for(key: str | None) -> Mode:
+    """The mode named `key`, or the default one."""
+    return MODES.get(key or DEFAULT_MODE, MODES[DEFAULT_MODE])
+
+
+def engine_messages(rows: list[dict], system_prompt: str) -> list[dict]:
+    """Chat-template messages for the engine from stored rows (pending and failed answers left out)."""
+    out: list[dict] = []
+    if system_prompt.strip():
+        out.append({"role": "system", "content": system_prompt.strip()})
+    for row in rows:
+        if row["role"] == "assistant":
+            if row["status"] in _REPLAYED and row["text"]:
+                out.append({"role": "assistant", "content": row["text"]})
+        elif row["role"] == "user":
+            parts = [{"type": "image", "image_id": i} for i in row["image_ids"]]
+            parts.append({"type": "text", "text": row["text"]})
+            out.append({"role": "user", "content": parts})
+    return out
+
+
+def title_from(text: str, limit: int = 60) -> str:
+    """A conversation title from the first message: its first line, cut at a word."""
+    line = " ".join(text.strip().split("\n", 1)[0].split())
+    if not line:
+        return "Image chat"
+    if len(line) <= limit:
+        return line
+    cut = line[:limit].rsplit(" ", 1)[0]
+    return (cut or line[:limit]) + "…"
