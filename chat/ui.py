@@ -382,11 +382,12 @@ def build(ctx: Ctx, browser_key: str, delete_cache: tuple[int, int] | None = Non
         outputs = [conv_id, chatbot, box, conv_list, status]
         sampling = [mode, temperature, top_p, max_new, system]
         demo.load(bind(on_load, ctx), [secret], [secret, conv_list])
-        sent = box.submit(bind(send, ctx), [secret, conv_id, box, *sampling], outputs,
+        box.submit(bind(send, ctx), [secret, conv_id, box, *sampling], outputs,
                           concurrency_limit=None)
-        regen = regen_btn.click(bind(regenerate, ctx), [secret, conv_id, *sampling], outputs,
+        regen_btn.click(bind(regenerate, ctx), [secret, conv_id, *sampling], outputs,
                                 concurrency_limit=None)
-        stop_btn.click(bind(stop, ctx), None, [status], cancels=[sent, regen], queue=False)
+        # No `cancels=`: the engine ends the answer and the streaming handler shows it as stopped.
+        stop_btn.click(bind(stop, ctx), None, [status], queue=False)
         new_btn.click(new_chat, None, [conv_id, chatbot, title, conv_list, status], queue=False)
         conv_list.input(bind(open_conversation, ctx), [secret, conv_list], [conv_id, chatbot, title, mode])
         rename_btn.click(bind(rename, ctx), [secret, conv_id, title], [conv_list, status])

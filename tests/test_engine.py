@@ -180,8 +180,14 @@ def test_full_queue_is_refused_at_once(loaded):
         with pytest.raises(Busy) as info:
             eng.submit(ChatRequest([user("c")], GenParams(max_new_tokens=2)))
         assert "1 requests are waiting" in str(info.value)
+        # A queued request that is cancelled ends at once, without waiting for the worker.
+        second.cancel()
+        assert second.wait(1) == Done("cancelled", "", second.result.usage)
+        assert second.result.usage.prompt_tokens == 0
+        third = eng.submit(ChatRequest([user("d")], GenParams(max_new_tokens=2)))
         gate.set()
-        assert isinstance(first.wait(30), Done) and isinstance(second.wait(30), Done)
+        assert isinstance(first.wait(30), Done) and isinstance(third.wait(30), Done)
+        assert third.result.finish_reason == "length"
     finally:
         gate.set()
         eng.shutdown()

@@ -152,9 +152,13 @@ def build_tiny_random(folder: Path, seed: int = 0) -> Path:
     tokenizer = _tiny_tokenizer()
     eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
     with torch.no_grad():
-        # Random weights pick an end token about once per vocab-size steps; zeroing those rows
-        # keeps greedy answers long, so stop/streaming tests have something to interrupt.
-        model.lm_head.weight[eos] = 0.0
+        # Shape the noise so the page stays readable and answers run long enough to stop: only
+        # printable ASCII (and newline) keep output rows, scaled up so sampling is peaked; every
+        # other row, the end tokens included, gives a logit of exactly 0 and is almost never drawn.
+        keep = sorted({tokenizer.convert_tokens_to_ids(tokenizer.tokenize(chr(b))[0]) for b in [10, *range(32, 127)]})
+        weight = torch.zeros_like(model.lm_head.weight)
+        weight[keep] = model.lm_head.weight[keep] * 20.0
+        model.lm_head.weight.copy_(weight)
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos[1])
     model.save_pretrained(folder)
     image_processor = Qwen2VLImageProcessor(

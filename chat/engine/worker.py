@@ -47,18 +47,39 @@ _STOP = object()
 class Handle:
     """One submitted request, as seen by its caller."""
 
-    def __init__(self, request: ChatRequest, on_finish: Callable[[Event], None] | None) -> None:
+    def __init__(
+        self, request: ChatRequest, on_finish: Callable[[Event], None] | None, release: Callable[[], None] = None
+    ) -> None:
         self.request = request
         self.on_finish = on_finish
+        self._release = release or (lambda: None)  # frees the queue slot when it stops waiting
         self.enqueued = time.monotonic()
         self.result: Done | Failed | None = None
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._cancel = threading.Event()
         self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._state = "queued"  # -> running -> finished, or queued -> finished on cancel
 
     def cancel(self) -> None:
-        """Ask the worker to stop this request; it does so within a decode step."""
-        self._cancel.set()
+        """Stop this request: at once if it is still queued, else within a decode step."""
+        with self._lock:
+            self._cancel.set()
+            queued = self._state == "queued"
+            if queued:
+                self._state = "finished"
+        if queued:
+            self._release()
+            self._finish(Done("cancelled", "", Usage(0, 0, 0, 0)))
+
+    def _claim(self) -> bool:
+        """Worker side: mark running; False if it was cancelled while queued."""
+        with self._lock:
+            if self._state != "queued":
+                return False
+            self._state = "running"
+        self._release()
+        return True
 
     @property
     def cancelled(self) -> bool:
@@ -114,7 +135,12 @@ class Engine:
         self.features = FeatureCache(feature_bytes)
         self.ready = threading.Event()
         self.warmup_seconds: float | None = None
-        self._queue: queue.Queue = queue.Queue(maxsize=max_waiting)
+        # Admission counts live waiting requests (a cancelled one frees its slot at once); the
+        # transport queue itself is unbounded and the worker skips cancelled entries.
+        self.max_waiting = max_waiting
+        self._waiting = 0
+        self._admit = threading.Lock()
+        self._queue: queue.Queue = queue.Queue()
         self._grids: dict[str, tuple[int, int, int]] = {}
         self._thread = threading.Thread(target=self._loop, name="vlchat-worker", daemon=True)
         self._extra_images: dict[str, Image.Image] = {}
@@ -137,26 +163,31 @@ class Engine:
     @property
     def waiting(self) -> int:
         """Requests queued and not yet started."""
-        return self._queue.qsize()
+        return self._waiting
 
     def submit(self, request: ChatRequest, on_finish: Callable[[Event], None] | None = None) -> Handle:
         """Queue a request; raises NotReady before warm-up ends and Busy when the queue is full."""
         if not self.ready.is_set():
             raise NotReady()
-        handle = Handle(request, on_finish)
-        try:
-            self._queue.put_nowait(handle)
-        except queue.Full:
-            raise Busy(self._queue.qsize()) from None
-        self.metrics.waiting.set(self._queue.qsize())
+        with self._admit:
+            if self._waiting >= self.max_waiting:
+                raise Busy(self._waiting)
+            self._waiting += 1
+            self.metrics.waiting.set(self._waiting)
+        handle = Handle(request, on_finish, self._release)
+        self._queue.put(handle)
         return handle
+
+    def _release(self) -> None:
+        with self._admit:
+            self._waiting -= 1
+            self.metrics.waiting.set(self._waiting)
 
     # -- worker side -------------------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
             item = self._queue.get()
-            self.metrics.waiting.set(self._queue.qsize())
             if item is _STOP:
                 return
             if isinstance(item, tuple):
@@ -213,8 +244,7 @@ class Engine:
 
     def _serve(self, handle: Handle, metrics: Metrics) -> None:
         metrics.queue_wait.observe(time.monotonic() - handle.enqueued)
-        if handle.cancelled:
-            handle._finish(Done("cancelled", "", Usage(0, 0, 0, 0)))
+        if not handle._claim():  # cancelled while it waited: already finished for its caller
             metrics.requests.labels("cancelled").inc()
             return
         try:

@@ -1,0 +1,244 @@
+"""End to end: `python app.py --model tiny-random` as a real process, driven by Debian's chromium via Playwright."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+playwright = pytest.importorskip("playwright.sync_api")
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("VLCHAT_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def metric(base: str, name: str) -> float:
+    _, body = get(base + "/metrics")
+    match = re.search(rf"^{name} ([0-9.e+]+)$", body, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+class Server:
+    """The app in a subprocess on loopback; restartable on the same data folder."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.log = data_dir / "server.log"
+
+    def start(self) -> None:
+        cmd = [sys.executable, str(ROOT / "app.py"), "--model", "tiny-random", "--host", "127.0.0.1",
+               "--port", str(self.port), "--data-dir", str(self.data_dir)]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            try:
+                if get(self.base + "/health")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError("server did not become healthy:\n" + self.log.read_text()[-3000:])
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model_dir):
+    data = tmp_path_factory.mktemp("e2e-data")
+    shutil.copytree(model_dir / "models", data / "models")  # skip rebuilding the tiny checkpoint
+    srv = Server(data)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"chromium not found at {CHROMIUM}; run tests/run.sh, which installs it")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    pg = context.new_page()
+    yield pg
+    context.close()
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("img") / "fractal.png"
+    Image.effect_mandelbrot((320, 200), (-2, -1, 1, 1), 60).convert("RGB").save(path)
+    return path
+
+
+def assistant_texts(page) -> list[str]:
+    return page.locator("#chat .bot-row").all_inner_texts()
+
+
+def set_setting(page, elem_id: str, value: str) -> None:
+    field = page.locator(f"#{elem_id} input[type=number]")
+    field.fill(value)
+    field.press("Enter")
+
+
+def open_settings(page) -> None:
+    if not page.locator("#max-new-tokens").is_visible():
+        page.locator("#settings button, #settings .label-wrap").first.click()
+    page.locator("#max-new-tokens").wait_for(state="visible")
+
+
+def send(page, text: str, image: Path | None = None) -> None:
+    if image is not None:
+        page.set_input_files("#input input[type=file]", str(image))
+        page.locator("#input .thumbnails img").first.wait_for(timeout=10_000)
+    page.locator("#input textarea").fill(text)
+    page.locator("#input textarea").press("Enter")
+
+
+def wait_idle(page, timeout: float = 60) -> None:
+    """Until the answer has finished: the status line no longer says 'Answering' and the chat is stable."""
+    deadline = time.monotonic() + timeout
+    last, stable = None, 0
+    while time.monotonic() < deadline:
+        current = page.locator("#chat").inner_text()
+        busy = "Answering" in page.locator("#status").inner_text()
+        stable = stable + 1 if current == last and not busy else 0
+        if stable >= 4:
+            return
+        last = current
+        time.sleep(0.25)
+    raise AssertionError("answer did not finish")
+
+
+def test_chat_two_turns_reload_and_reopen(server, page, photo):
+    encoded_before = metric(server.base, "vlchat_images_encoded_total")
+    page.goto(server.base + "/")
+    page.locator("#random-weights-banner").wait_for()
+    open_settings(page)
+    set_setting(page, "max-new-tokens", "400")
+
+    send(page, "What is in this picture?", photo)
+    user_msgs = page.locator("#chat .user-row")
+    user_msgs.first.wait_for(timeout=20_000)
+    # The answer streams: its text is seen growing before it ends.
+    lengths = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(set(lengths)) < 3:
+        texts = assistant_texts(page)
+        if texts:
+            lengths.append(len(texts[-1]))
+        time.sleep(0.05)
+    assert len(set(lengths)) >= 3, f"no streaming seen: {lengths}"
+    wait_idle(page)
+    first_answer = assistant_texts(page)[-1]
+    assert len(first_answer) > 20
+    assert page.locator("#chat img").count() >= 1  # the image is shown inline
+
+    send(page, "Tell me more about the colours.")
+    page.wait_for_function("document.querySelectorAll('#chat .bot-row').length >= 2",
+                           timeout=30_000)
+    wait_idle(page)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "chat.png"))
+    # The image crossed the wire once and was encoded once for both turns.
+    assert metric(server.base, "vlchat_images_encoded_total") - encoded_before == 1
+    assert metric(server.base, "vlchat_cached_prompt_tokens_total") > 0
+
+    page.reload()
+    item = page.locator("#conversation-list label", has_text="What is in this picture?")
+    item.first.wait_for(timeout=20_000)
+    page.locator("#chat").get_by_text("Tell me more about the colours.").wait_for(state="detached")
+    item.first.click()
+    page.locator("#chat").get_by_text("Tell me more about the colours.").wait_for(timeout=20_000)
+    chat_text = page.locator("#chat").inner_text()
+    assert "What is in this picture?" in chat_text
+    assert page.locator("#chat img").count() >= 1
+    assert len(assistant_texts(page)) == 2
+    assert first_answer[:30] in chat_text
+
+
+def test_history_survives_restart_and_stays_private(server, page, photo, browser):
+    page.goto(server.base + "/")
+    send(page, "Remember this photo across a restart", photo)
+    page.locator("#conversation-list label", has_text="Remember this photo").first.wait_for(timeout=20_000)
+    wait_idle(page)
+
+    server.stop()
+    server.start()
+
+    # Same browser (same local-storage identity): the conversation is listed again.
+    page.goto(server.base + "/")
+    page.locator("#conversation-list label", has_text="Remember this photo").first.wait_for(timeout=20_000)
+
+    # Another browser sees none of it.
+    other = browser.new_context()
+    stranger = other.new_page()
+    stranger.goto(server.base + "/")
+    stranger.locator("#input textarea").wait_for()
+    time.sleep(1.0)
+    assert stranger.locator("#conversation-list label", has_text="Remember this photo").count() == 0
+    other.close()
+
+
+def test_stop_ends_a_long_answer(server, page):
+    page.goto(server.base + "/")
+    open_settings(page)
+    set_setting(page, "max-new-tokens", "4096")
+    before = metric(server.base, "vlchat_generated_tokens_total")
+    send(page, "Write forever.")
+    page.wait_for_function(
+        "(() => { const b = document.querySelectorAll('#chat .bot-row');"
+        " return b.length && b[b.length-1].innerText.length > 40; })()", timeout=30_000)
+    page.locator("#stop").click()
+    page.locator("#chat").get_by_text("Stopped.").first.wait_for(timeout=15_000)
+    after_stop = page.locator("#chat").inner_text()
+    time.sleep(1.5)
+    assert page.locator("#chat").inner_text() == after_stop  # nothing more arrives
+    generated = metric(server.base, "vlchat_generated_tokens_total") - before
+    assert 0 < generated < 4096
+    assert metric(server.base, "vlchat_requests_total{outcome=\"cancelled\"}") >= 1
+    # The worker is free at once: a new question is answered.
+    send(page, "Short one?")
+    page.locator("#chat").get_by_text("Short one?").wait_for(timeout=10_000)
