@@ -235,7 +235,8 @@ def send(ctx: Ctx, secret, conv_id, box, mode, temperature, top_p, max_new_token
         raise gr.Error("That conversation no longer exists; start a new chat.") from None
     choices = gr.update(choices=conversation_choices(ctx, owner), value=conv_id)
     yield from _answer(ctx, owner, conv_id, request.session_hash, settings, m.key, choices,
-                       clear_box={"text": "", "files": []})
+                       clear_box={"text": "", "files": []},
+                       title=ctx.store.get_conversation(owner, conv_id)["title"])
 
 
 def regenerate(ctx: Ctx, secret, conv_id, mode, temperature, top_p, max_new_tokens, system, request: gr.Request):
@@ -254,11 +255,11 @@ def regenerate(ctx: Ctx, secret, conv_id, mode, temperature, top_p, max_new_toke
     settings = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
                 "system": system or ""}
     yield from _answer(ctx, owner, conv_id, request.session_hash, settings, mode_for(mode).key, gr.skip(),
-                       clear_box=gr.skip())
+                       clear_box=gr.skip(), title=gr.skip())
 
 
-def _answer(ctx: Ctx, owner, conv_id, session, settings, mode, choices, clear_box) -> Iterator[tuple]:
-    """Submit the conversation to the engine and stream the answer; yields (conv_id, chat, box, list, status)."""
+def _answer(ctx: Ctx, owner, conv_id, session, settings, mode, choices, clear_box, title) -> Iterator[tuple]:
+    """Submit the conversation and stream the answer; yields (conv_id, chat, box, list, status, title)."""
     rows = ctx.store.messages(owner, conv_id)
     history = chat_history(ctx, rows)
     system = settings["system"].strip() or mode_for(mode).system_prompt
@@ -285,12 +286,12 @@ def _answer(ctx: Ctx, owner, conv_id, session, settings, mode, choices, clear_bo
     except EngineError as exc:
         ctx.store.update_message(answer_id, status="error", usage={"error": str(exc)})
         history.append({"role": "assistant", "content": answer_markdown("", "error", str(exc))})
-        yield conv_id, history, clear_box, choices, str(exc)
+        yield conv_id, history, clear_box, choices, str(exc), title
         return
     with ctx.lock:
         ctx.active[session] = handle
     history.append({"role": "assistant", "content": ""})
-    yield conv_id, history, clear_box, choices, "Answering…"
+    yield conv_id, history, clear_box, choices, "Answering…", title
     text, saved_at = "", time.monotonic()
     try:
         for event in handle.events():
@@ -302,17 +303,17 @@ def _answer(ctx: Ctx, owner, conv_id, session, settings, mode, choices, clear_bo
                         if not finished.is_set():
                             ctx.store.update_message(answer_id, text=text)
                     saved_at = time.monotonic()
-                yield gr.skip(), history, gr.skip(), gr.skip(), gr.skip()
+                yield gr.skip(), history, gr.skip(), gr.skip(), gr.skip(), gr.skip()
             elif isinstance(event, Done):
                 status = "stopped" if event.finish_reason == "cancelled" else "complete"
                 history[-1] = {"role": "assistant", "content": answer_markdown(event.text, status)}
                 note = {"stopped": "Stopped.", "complete": ""}[status]
                 if event.finish_reason == "length":
                     note = "The answer reached the length limit (Settings → Max new tokens)."
-                yield gr.skip(), history, gr.skip(), gr.skip(), note
+                yield gr.skip(), history, gr.skip(), gr.skip(), note, gr.skip()
             elif isinstance(event, Failed):
                 history[-1] = {"role": "assistant", "content": answer_markdown(event.text, "error", event.message)}
-                yield gr.skip(), history, gr.skip(), gr.skip(), event.message
+                yield gr.skip(), history, gr.skip(), gr.skip(), event.message, gr.skip()
     finally:
         # Reached on completion, on the stop button (cancels) and when the page goes away.
         if handle.result is None:
@@ -379,7 +380,7 @@ def build(ctx: Ctx, browser_key: str, delete_cache: tuple[int, int] | None = Non
             system = gr.Textbox(label="System prompt override (empty: the mode's prompt)", lines=3,
                                 elem_id="system")
 
-        outputs = [conv_id, chatbot, box, conv_list, status]
+        outputs = [conv_id, chatbot, box, conv_list, status, title]
         sampling = [mode, temperature, top_p, max_new, system]
         demo.load(bind(on_load, ctx), [secret], [secret, conv_list])
         box.submit(bind(send, ctx), [secret, conv_id, box, *sampling], outputs,

@@ -1,0 +1,202 @@
+"""The page's handlers called directly (no browser): validation, storage, ownership, stop, regenerate."""
+
+from __future__ import annotations
+
+import io
+import threading
+from types import SimpleNamespace
+
+import gradio as gr
+import pytest
+from PIL import Image
+
+from chat import ui
+from chat.config import Settings
+from chat.engine.runner import Runner
+from chat.engine.worker import Engine
+from chat.images import open_clean
+from chat.store import Store
+
+
+class Req(SimpleNamespace):
+    """Stands in for gr.Request: the handlers read only these attributes."""
+
+    def __init__(self, session="s1", username=None):
+        super().__init__(session_hash=session, username=username)
+
+
+@pytest.fixture
+def ctx(tmp_path, loaded):
+    store = Store(tmp_path / "data")
+    settings = Settings(data_dir=tmp_path / "data", max_images_per_message=2, max_images_per_conversation=3)
+    engine = Engine(Runner(loaded.model, loaded.processor), lambda i: open_clean(store.image_bytes(i)))
+    engine.start(warmup=False)
+    yield ui.Ctx(store=store, engine=engine, settings=settings, random_weights=True)
+    engine.shutdown()
+    store.close()
+
+
+def png(tmp_path, name="a.png", size=(120, 80), colour=(10, 200, 30)) -> str:
+    path = tmp_path / name
+    Image.new("RGB", size, colour).save(path)
+    return str(path)
+
+
+def drain(gen):
+    return list(gen)
+
+
+def send(ctx, secret, conv_id, text, files=(), max_new=24, req=None, system=""):
+    return drain(ui.send(ctx, secret, conv_id, {"text": text, "files": list(files)}, "general", 0.0, 0.9, max_new,
+                         system, req or Req()))
+
+
+SECRET = "x" * 40
+
+
+def test_send_stores_question_and_answer_and_streams(ctx, tmp_path):
+    updates = send(ctx, SECRET, None, "What is this?", [png(tmp_path)])
+    conv_id = updates[0][0]
+    owner = ui.owner_of(SECRET, Req())
+    rows = ctx.store.messages(owner, conv_id)
+    assert [r["role"] for r in rows] == ["user", "assistant"]
+    assert rows[0]["text"] == "What is this?" and len(rows[0]["image_ids"]) == 1
+    assert rows[1]["status"] == "complete" and rows[1]["usage"]["completion_tokens"] == 24
+    history = updates[-1][1]
+    assert history[-1]["content"] == rows[1]["text"]
+    assert len(updates) > 3  # streamed in several updates, not one
+    assert updates[0][5] == "What is this?"  # the title box shows the new title
+    # The image is shown inline from the store, by content hash.
+    assert history[0]["content"][0]["file"]["path"].endswith(rows[0]["image_ids"][0] + ".png")
+
+
+def test_follow_up_reuses_the_image_and_the_prefix(ctx, tmp_path):
+    conv_id = send(ctx, SECRET, None, "Describe", [png(tmp_path)])[0][0]
+    before = ctx.engine.metrics.images_encoded._value.get()
+    send(ctx, SECRET, conv_id, "More detail please")
+    assert ctx.engine.metrics.images_encoded._value.get() == before
+    rows = ctx.store.messages(ui.owner_of(SECRET, Req()), conv_id)
+    assert rows[-1]["usage"]["cached_tokens"] > rows[1]["usage"]["prompt_tokens"]
+
+
+def test_bad_input_is_refused_clearly_and_nothing_is_stored(ctx, tmp_path):
+    with pytest.raises(gr.Error, match="Type a question or attach an image"):
+        send(ctx, SECRET, None, "   ")
+    fake = tmp_path / "cat.png"
+    fake.write_bytes(b"PK\x03\x04 this is a zip file")
+    with pytest.raises(gr.Error, match="cat.png: "):
+        send(ctx, SECRET, None, "look", [str(fake)])
+    with pytest.raises(gr.Error, match="3 images attached; a message may carry 2"):
+        send(ctx, SECRET, None, "look", [png(tmp_path, f"{i}.png") for i in range(3)])
+    assert ctx.store.list_conversations(ui.owner_of(SECRET, Req())) == []
+
+
+def test_images_per_conversation_limit(ctx, tmp_path):
+    conv_id = send(ctx, SECRET, None, "one", [png(tmp_path, "1.png"), png(tmp_path, "2.png", colour=(1, 2, 3))])[0][0]
+    with pytest.raises(gr.Error, match="would hold 4 images; the limit is 3"):
+        send(ctx, SECRET, conv_id, "two", [png(tmp_path, "3.png", colour=(9, 9, 9)),
+                                          png(tmp_path, "4.png", colour=(8, 8, 8))])
+
+
+def test_other_browser_and_users_cannot_see_or_touch(ctx, tmp_path):
+    conv_id = send(ctx, SECRET, None, "mine")[0][0]
+    other = "y" * 40
+    assert ui.on_load(ctx, other, Req())[1]["choices"] == []
+    with pytest.raises(gr.Error, match="does not exist"):
+        ui.open_conversation(ctx, other, conv_id, Req())
+    with pytest.raises(gr.Error, match="no longer exists"):
+        send(ctx, other, conv_id, "let me in")
+    with pytest.raises(gr.Error):
+        ui.rename(ctx, other, conv_id, "hacked", Req())
+    ui.delete(ctx, other, conv_id, Req())
+    assert ctx.store.get_conversation(ui.owner_of(SECRET, Req()), conv_id)["title"] == "mine"
+    # With --auth the user name is the owner, whatever the browser secret.
+    assert ui.owner_of(SECRET, Req(username="ann")) == "user:ann" != ui.owner_of(SECRET, Req())
+
+
+def test_open_rename_delete_and_list_order(ctx):
+    first = send(ctx, SECRET, None, "first question")[0][0]
+    second = send(ctx, SECRET, None, "second question")[0][0]
+    choices = ui.on_load(ctx, SECRET, Req())[1]["choices"]
+    assert [c[1] for c in choices] == [second, first]  # newest first
+    conv, history, title, mode = ui.open_conversation(ctx, SECRET, first, Req())
+    assert conv == first and title == "first question" and mode == "general"
+    assert history[0]["content"][-1]["text"] == "first question"
+    ui.rename(ctx, SECRET, first, "  Renamed   chat ", Req())
+    assert ctx.store.get_conversation(ui.owner_of(SECRET, Req()), first)["title"] == "Renamed chat"
+    with pytest.raises(gr.Error, match="cannot be empty"):
+        ui.rename(ctx, SECRET, first, "   ", Req())
+    ui.delete(ctx, SECRET, first, Req())
+    assert [c[1] for c in ui.on_load(ctx, SECRET, Req())[1]["choices"]] == [second]
+
+
+def test_regenerate_replaces_the_last_answer(ctx):
+    conv_id = send(ctx, SECRET, None, "question")[0][0]
+    owner = ui.owner_of(SECRET, Req())
+    old = ctx.store.messages(owner, conv_id)[-1]
+    drain(ui.regenerate(ctx, SECRET, conv_id, "general", 1.0, 0.9, 24, "", Req()))
+    rows = ctx.store.messages(owner, conv_id)
+    assert [r["role"] for r in rows] == ["user", "assistant"]
+    assert rows[-1]["id"] != old["id"] and rows[-1]["status"] == "complete"
+
+
+def test_stop_button_marks_the_answer_stopped(ctx):
+    req = Req(session="tab-1")
+    gen = ui.send(ctx, SECRET, None, {"text": "go on", "files": []}, "general", 0.0, 0.9, 4000, "", req)
+    updates = [next(gen), next(gen)]  # the question is stored, the first text arrives
+    assert ui.stop(ctx, req) == "Stopped."
+    updates += list(gen)
+    conv_id = updates[0][0]
+    answer = ctx.store.messages(ui.owner_of(SECRET, req), conv_id)[-1]
+    assert answer["status"] == "stopped"
+    assert 0 < answer["usage"]["completion_tokens"] < 100
+    assert "Stopped" in updates[-1][1][-1]["content"]
+    assert req.session_hash not in ctx.active
+
+
+def test_closed_page_stops_and_keeps_the_partial_answer(ctx):
+    req = Req(session="tab-2")
+    gen = ui.send(ctx, SECRET, None, {"text": "go on", "files": []}, "general", 0.0, 0.9, 4000, "", req)
+    conv_id = next(gen)[0]
+    next(gen)
+    ui.page_closed(ctx, req)  # what Gradio's unload calls
+    gen.close()  # and the page's stream goes away
+    answer = None
+    for _ in range(100):
+        answer = ctx.store.messages(ui.owner_of(SECRET, req), conv_id)[-1]
+        if answer["status"] != "pending":
+            break
+        threading.Event().wait(0.05)
+    assert answer["status"] == "stopped"
+
+
+def test_busy_engine_gives_a_clear_message(ctx):
+    ctx.engine.max_waiting = 0
+    updates = send(ctx, SECRET, None, "anyone there?")
+    assert "busy" in updates[-1][4]
+    rows = ctx.store.messages(ui.owner_of(SECRET, Req()), updates[-1][0])
+    assert rows[0]["text"] == "anyone there?"  # the question is kept
+    assert rows[-1]["status"] == "error"
+
+
+def test_interrupted_answers_show_as_such(ctx):
+    owner = ui.owner_of(SECRET, Req())
+    conv_id = ctx.store.create_conversation(owner, title="t")
+    ctx.store.add_message(owner, conv_id, role="user", text="q")
+    ctx.store.add_message(owner, conv_id, role="assistant", text="partial ans", status="pending")
+    assert ctx.store.recover_interrupted() == 1
+    history = ui.open_conversation(ctx, SECRET, conv_id, Req())[1]
+    assert "partial ans" in history[-1]["content"] and "Interrupted" in history[-1]["content"]
+
+
+def test_pasted_jpeg_with_exif_is_stored_clean(ctx, tmp_path):
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate
+    Image.new("RGB", (80, 40), (200, 0, 0)).save(buf, "JPEG", exif=exif)
+    path = tmp_path / "paste.jpg"
+    path.write_bytes(buf.getvalue())
+    conv_id = send(ctx, SECRET, None, "rotated?", [str(path)])[0][0]
+    sha = ctx.store.messages(ui.owner_of(SECRET, Req()), conv_id)[0]["image_ids"][0]
+    stored = Image.open(io.BytesIO(ctx.store.image_bytes(sha)))
+    assert stored.size == (40, 80) and not stored.getexif()
