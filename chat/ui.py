@@ -366,7 +366,7 @@ def build(ctx: Ctx, browser_key: str, delete_cache: tuple[int, int] | None = Non
         box = gr.MultimodalTextbox(
             file_types=["image"], file_count="multiple", sources=["upload"], elem_id="input",
             placeholder="Ask about an image — Enter sends, Shift+Enter for a new line; paste or drop images",
-            show_label=False, autofocus=True,
+            show_label=False, autofocus=True, max_plain_text_length=100_000,  # long pastes stay text
         )
         with gr.Row():
             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -182,6 +185,27 @@ def build_tiny_random(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def _check_hub(repo_id: str) -> None:
+    """Fail in seconds, not after minutes of retries, when a hub model is neither cached nor reachable."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    reason = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true") else ""
+    if not reason:
+        try:
+            socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
+            return
+        except OSError as exc:
+            reason = f"{endpoint.hostname} cannot be reached ({exc.__class__.__name__})"
+    raise ModelLoadError(
+        f"Model '{repo_id}' is not in the local cache and {reason}. Download it on a machine with network "
+        f"access (`huggingface-cli download {repo_id} --local-dir ./model`), copy the folder here and pass "
+        "--model ./model, or use --model tiny-random for an offline smoke run."
+    )
+
+
 def load(model: str, data_dir: Path, device: str = "auto") -> Loaded:
     """Load processor and model from a hub id, a local folder or `tiny-random`."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -199,6 +223,8 @@ def load(model: str, data_dir: Path, device: str = "auto") -> Loaded:
             "Qwen/Qwen3-VL-8B-Instruct on a machine that can reach the hub, or --model tiny-random for an "
             "offline smoke run."
         )
+    if not looks_local:
+        _check_hub(source)
     started = time.monotonic()
     log.info("loading processor from %s", source)
     try:
