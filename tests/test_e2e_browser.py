@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -137,6 +139,21 @@ def send(page, text: str, image: Path | None = None) -> None:
     page.locator("#input textarea").press("Enter")
 
 
+def paste_image(page, path: Path) -> None:
+    """Paste an image file into the input as the clipboard would (a screenshot, say)."""
+    page.evaluate(
+        """([b64, name]) => {
+          const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+          const data = new DataTransfer();
+          data.items.add(new File([bytes], name, {type: 'image/png'}));
+          document.querySelector('#input textarea').dispatchEvent(
+            new ClipboardEvent('paste', {clipboardData: data, bubbles: true, cancelable: true}));
+        }""",
+        [base64.b64encode(path.read_bytes()).decode(), path.name],
+    )
+    page.locator("#input .thumbnails img").first.wait_for(timeout=10_000)
+
+
 def wait_idle(page, timeout: float = 60) -> None:
     """Until the answer has finished: the status line no longer says 'Answering' and the chat is stable."""
     deadline = time.monotonic() + timeout
@@ -201,16 +218,24 @@ def test_chat_two_turns_reload_and_reopen(server, page, photo):
 
 def test_history_survives_restart_and_stays_private(server, page, photo, browser):
     page.goto(server.base + "/")
-    send(page, "Remember this photo across a restart", photo)
+    page.locator("#input textarea").wait_for()
+    paste_image(page, photo)  # a pasted screenshot travels like an upload
+    send(page, "Remember this photo across a restart")
     page.locator("#conversation-list label", has_text="Remember this photo").first.wait_for(timeout=20_000)
     wait_idle(page)
+    assert page.locator("#chat img").count() == 1
 
     server.stop()
     server.start()
 
-    # Same browser (same local-storage identity): the conversation is listed again.
+    # Same browser (same local-storage identity): the conversation is listed again, image and all.
     page.goto(server.base + "/")
-    page.locator("#conversation-list label", has_text="Remember this photo").first.wait_for(timeout=20_000)
+    item = page.locator("#conversation-list label", has_text="Remember this photo").first
+    item.wait_for(timeout=20_000)
+    item.click()
+    page.locator("#chat").get_by_text("Remember this photo across a restart").wait_for(timeout=20_000)
+    page.locator("#chat img").first.wait_for(timeout=10_000)
+    assert len(assistant_texts(page)) == 1
 
     # Another browser sees none of it.
     other = browser.new_context()
@@ -242,3 +267,28 @@ def test_stop_ends_a_long_answer(server, page):
     # The worker is free at once: a new question is answered.
     send(page, "Short one?")
     page.locator("#chat").get_by_text("Short one?").wait_for(timeout=10_000)
+
+
+def test_closing_the_tab_stops_the_answer_and_keeps_it(server, browser):
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(server.base + "/")
+    open_settings(page)
+    set_setting(page, "max-new-tokens", "4096")
+    send(page, "A long answer, then I leave")
+    page.wait_for_function(
+        "(() => { const b = document.querySelectorAll('#chat .bot-row');"
+        " return b.length && b[b.length-1].innerText.length > 40; })()", timeout=30_000)
+    context.close()
+    db = sqlite3.connect(f"file:{server.data_dir / 'vlchat.db'}?mode=ro", uri=True)
+    deadline = time.monotonic() + 30
+    row = None
+    while time.monotonic() < deadline:
+        row = db.execute("select m.status, length(m.text) from messages m join conversations c"
+                         " on c.id = m.conversation_id where c.title like 'A long answer%'"
+                         " and m.role = 'assistant'").fetchone()
+        if row and row[0] != "pending":
+            break
+        time.sleep(0.3)
+    db.close()
+    assert row is not None and row[0] == "stopped" and row[1] > 40
