@@ -35,7 +35,6 @@ from chat.engine.runner import Runner  # noqa: E402
 from chat.engine.types import ChatRequest, Delta, GenParams  # noqa: E402
 from chat.engine.worker import Engine  # noqa: E402
 
-
 REAL = dict(
     text=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
               num_key_value_heads=8, head_dim=128, mrope_section=[24, 20, 20]),
