@@ -246,6 +246,19 @@ def main() -> None:
     engine_tps = (n - 1) / (e_total - e_ttft1)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
 
+    # One decode step alone (runner.forward of one token on a ~1k-token cache), synchronised:
+    # tells the model's own step time apart from the worker's per-token work around it.
+    prompt, opened = engine.build_prompt(msgs)
+    kv = runner.new_cache()
+    feats = runner.encode([opened.get(prompt.images[0].image_id) or engine.fetch_image(prompt.images[0].image_id)])
+    runner.forward(prompt.ids, prompt.positions, 0, kv, [(prompt.images[0].start, feats[0])])
+    steps = []
+    for i in range(30):
+        t0 = sync_time()
+        runner.forward([65], torch.full((3, 1), prompt.next_position + i), len(prompt.ids) + i, kv)
+        steps.append(sync_time() - t0)
+    step_ms = statistics.median(steps[5:]) * 1000
+
     ours = engine_greedy(runner, engine, msgs, 16)
     agree = next((i for i, (a, b) in enumerate(zip(ours, base_ids[:16], strict=False)) if a != b), 16)
 
@@ -268,6 +281,7 @@ def main() -> None:
     lines += [
         f"| bare prefill forward, 1080p turn 1 (encoder + decoder) | {bare_prefill * 1000:.0f} ms | |",
         f"| decode, batch 1, {n} tokens | {base_tps:.1f} tok/s | {engine_tps:.1f} tok/s |",
+        f"| one decode step alone (runner.forward, synchronised) | | {step_ms:.1f} ms |",
         f"| peak GPU memory (whole run) | | {peak:.1f} GiB |",
         f"| bandwidth floor: {weight_bytes / 1e9:.1f} GB of decoder weights per token at "
         f"{bandwidth / 1e12:.2f} TB/s measured copy | {floor:.0f} tok/s | |",

@@ -43,6 +43,7 @@ def reference_logits(loaded, messages):
     tmpl, ids = template_messages(messages)
     text = loaded.processor.apply_chat_template(tmpl, tokenize=False, add_generation_prompt=True)
     inputs = loaded.processor(text=[text], images=[IMAGES[i] for i in ids] or None, return_tensors="pt")
+    inputs = inputs.to(loaded.model.device)
     loaded.model.model.rope_deltas = None
     with torch.no_grad():
         out = loaded.model(**inputs)

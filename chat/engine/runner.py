@@ -21,6 +21,13 @@ def _smart_resize():
     return smart_resize
 
 
+def _per_image(features, sizes: list[int]) -> list[torch.Tensor]:
+    """Features as one tensor per image, whether they come split or concatenated."""
+    if isinstance(features, torch.Tensor):
+        return list(torch.split(features, sizes))
+    return list(features)
+
+
 class Runner:
     """Stateless helpers bound to one model and processor."""
 
@@ -54,12 +61,11 @@ class Runner:
         pixel_values = batch["pixel_values"].to(self.device)
         grid_thw = batch["image_grid_thw"].to(self.device)
         out = self.model.model.get_image_features(pixel_values, grid_thw, return_dict=True)
-        feats = []
-        for i in range(len(images)):
-            feats.append(
-                ImageFeatures(embeds=out.pooler_output[i], deepstack=[layer[i] for layer in out.deepstack_features])
-            )
-        return feats
+        sizes = (grid_thw.prod(-1) // self.merge**2).tolist()
+        embeds = _per_image(out.pooler_output, sizes)
+        # transformers 5.17 returns each DeepStack layer as one tensor for all images; 5.23 splits them.
+        layers = [_per_image(layer, sizes) for layer in out.deepstack_features]
+        return [ImageFeatures(embeds=embeds[i], deepstack=[layer[i] for layer in layers]) for i in range(len(images))]
 
     @torch.inference_mode()
     def forward(

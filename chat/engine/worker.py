@@ -203,15 +203,18 @@ class Engine:
         started = time.monotonic()
         self._extra_images["warmup"] = Image.new("RGB", (96, 64), (120, 160, 200))
         try:
-            request = ChatRequest(
-                messages=[{"role": "user", "content": [{"type": "image", "image_id": "warmup"},
-                                                       {"type": "text", "text": "Describe."}]}],
-                params=GenParams(temperature=0.0, max_new_tokens=4),
-            )
-            handle = Handle(request, None)
-            self._serve(handle, Metrics())  # a throwaway registry: warm-up is not traffic
-            if isinstance(handle.result, Failed):
-                log.error("warm-up failed: %s", handle.result.message)
+            # Two turns: a first one with an image, then a follow-up on the cached prefix, so both
+            # paths have run (and loaded their kernels) before the first real request.
+            messages = [{"role": "user", "content": [{"type": "image", "image_id": "warmup"},
+                                                     {"type": "text", "text": "Describe."}]}]
+            for _ in range(2):
+                handle = Handle(ChatRequest(messages, GenParams(temperature=0.0, max_new_tokens=4), "warmup"), None)
+                self._serve(handle, Metrics())  # a throwaway registry: warm-up is not traffic
+                if isinstance(handle.result, Failed):
+                    log.error("warm-up failed: %s", handle.result.message)
+                    break
+                messages = messages + [{"role": "assistant", "content": handle.result.text},
+                                       {"role": "user", "content": "And then?"}]
         finally:
             self._extra_images.clear()
             self._grids.pop("warmup", None)
