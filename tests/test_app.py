@@ -52,3 +52,25 @@ def test_uncached_hub_model_offline_fails_fast_with_advice(tmp_path):
     assert result.returncode == 2
     assert "not in the local cache" in result.stderr and "huggingface-cli download" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_health_is_503_until_the_model_is_ready_then_200(tmp_path):
+    from fastapi.testclient import TestClient
+
+    import app as entry
+
+    settings = load_settings(["--model", "tiny-random", "--data-dir", str(tmp_path)], {})
+    web, ctx, store = entry.create_app(settings)
+    with TestClient(web) as client:
+        loading = client.get("/health")
+        assert loading.status_code == 503 and loading.json()["status"] == "loading"
+        assert client.get("/metrics").status_code == 200
+        server = type("S", (), {"should_exit": False})()
+        entry.start_engine(settings, store, ctx, server)
+        assert ctx.engine.ready.wait(60)
+        ready = client.get("/health")
+        assert ready.status_code == 200 and ready.json() == {"status": "ok", "model": "tiny-random", "waiting": 0}
+        assert "vlchat_images_encoded_total 0.0" in client.get("/metrics").text  # warm-up is not counted
+        assert client.get("/vlchat.db").status_code == 404
+        ctx.engine.shutdown()
+    store.close()
