@@ -7,6 +7,7 @@ says what to do.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import secrets
@@ -56,18 +57,39 @@ def start_engine(settings: Settings, store, ctx, server) -> None:
         ctx.exit_code = 2
         server.should_exit = True
         return
+    api_images = ctx.api.images  # images that came inline in /v1 requests, by content hash
+
+    def fetch_image(image_id: str):
+        data = api_images.get(image_id)
+        return open_clean(data if data is not None else store.image_bytes(image_id))
+
     engine = Engine(
         Runner(loaded.model, loaded.processor),
-        lambda image_id: open_clean(store.image_bytes(image_id)),
+        fetch_image,
         max_waiting=settings.max_waiting,
         max_context=settings.context_tokens,
         prefix_entries=settings.prefix_cache_entries,
         prefix_bytes=settings.prefix_cache_mb << 20,
         feature_bytes=settings.feature_cache_mb << 20,
     )
-    ctx.model_name = loaded.name
+    ctx.model_name = ctx.api.model_name = loaded.name
     engine.start(warmup=True)
-    ctx.engine = engine
+    ctx.engine = ctx.api.engine = engine
+
+
+def api_policy(settings: Settings) -> tuple[bool, str]:
+    """Whether /v1 may serve, and why not: without a key it is open only on loopback (or by --api-open)."""
+    if settings.api_keys or settings.api_open:
+        return True, ""
+    host = settings.host.strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return True, ""
+    return False, (f"The API is off: this server listens on {settings.host} and has no API key. Restart it with "
+                   "--api-key KEY (or VLCHAT_API_KEY), or with --api-open to serve /v1 to anyone who can reach it.")
 
 
 def create_app(settings: Settings):
@@ -76,8 +98,10 @@ def create_app(settings: Settings):
     import gradio as gr
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException
 
     from chat import ui
+    from chat.api import ApiError, ApiState, router
     from chat.store import Store
 
     store = Store(settings.data_dir)
@@ -87,6 +111,37 @@ def create_app(settings: Settings):
     ctx = ui.Ctx(store=store, engine=_NotLoaded(), settings=settings, random_weights=settings.model == "tiny-random",
                  model_name=settings.model)
     app = FastAPI(title="vlchat", docs_url=None, redoc_url=None, openapi_url=None)
+    is_open, reason = api_policy(settings)
+    if not is_open:
+        log.warning("%s", reason)
+    ctx.api = ApiState(settings=settings, engine=ctx.engine, model_name=settings.model, keys=settings.api_keys,
+                       open=is_open, closed_reason=reason)
+    app.include_router(router(ctx.api))
+
+    @app.middleware("http")
+    async def no_side_doors(request, call_next):
+        # The page talks to Gradio through its queue (/gradio_api/queue/...). Gradio's other ways
+        # to call an event directly are closed: programs use /v1, with its keys and limits.
+        if request.url.path.startswith(("/gradio_api/call/", "/gradio_api/run/", "/gradio_api/api/")):
+            return JSONResponse({"error": "Not available; use the page, or the /v1 API."}, status_code=404)
+        return await call_next(request)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, exc: ApiError):
+        return exc.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        if not request.url.path.startswith("/v1"):
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        kind = {404: ("Unknown route.", "not_found"), 405: ("Method not allowed on this route.", "method_not_allowed")}
+        message, code = kind.get(exc.status_code, (str(exc.detail), None))
+        return ApiError(exc.status_code, message, "invalid_request_error", code=code).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return ApiError(500, "Internal error; the details are in the server log.", "server_error").response()
 
     @app.get("/health")
     def health():
@@ -110,7 +165,7 @@ def create_app(settings: Settings):
         allowed_paths=[str(store.images_dir)],
         blocked_paths=[str(settings.data_dir / "vlchat.db"), str(settings.data_dir / "models"),
                        str(settings.data_dir / "browser.key")],
-        footer_links=[], ssr_mode=False,
+        footer_links=[], ssr_mode=False, run_history=False,
     )
     return app, ctx, store
 

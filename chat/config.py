@@ -32,12 +32,15 @@ class Settings:
     data_dir: Path = _opt(Path("data"), "Folder for the SQLite history, stored images and the tiny model.")
     device: str = _opt("auto", "'auto' (GPU if present), 'cuda' or 'cpu'.")
     auth: str = _opt("", "user:password for the page (Gradio auth); conversations then belong to the user.")
+    api_key: str = _opt("", "Key(s) the /v1 API requires as 'Authorization: Bearer KEY'; several separated by commas.")
+    api_open: bool = _opt(False, "Serve /v1 without a key on a non-loopback address (otherwise it is refused).")
     max_waiting: int = _opt(16, "Requests that may wait for the model; more get an immediate 'busy'.")
     context_tokens: int = _opt(32768, "Longest conversation (prompt + answer) in tokens.")
     default_max_new_tokens: int = _opt(1024, "Default answer length limit in tokens.")
     max_new_tokens_limit: int = _opt(4096, "Largest answer length a request may ask for.")
     max_image_bytes: int = _opt(20_000_000, "Largest image upload in bytes.")
     max_image_pixels: int = _opt(40_000_000, "Largest image in pixels (width x height), checked before decoding.")
+    max_body_bytes: int = _opt(50_000_000, "Largest /v1 request body in bytes (images travel inside it).")
     max_images_per_message: int = _opt(8, "Images one message may carry.")
     max_images_per_conversation: int = _opt(32, "Images one conversation may hold.")
     prefix_cache_entries: int = _opt(8, "Conversations whose KV state is kept for reuse across turns.")
@@ -45,6 +48,11 @@ class Settings:
     feature_cache_mb: int = _opt(1024, "Memory budget for kept vision features, in MiB.")
     gradio_cache_hours: int = _opt(24, "Gradio's temporary upload files older than this are deleted.")
     log_level: str = _opt("INFO", "Logging level.")
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """The configured API keys."""
+        return tuple(k.strip() for k in self.api_key.split(",") if k.strip())
 
     def clamp_params(
         self, temperature: float | None, top_p: float | None, max_new_tokens: int | None, **extra
@@ -70,12 +78,13 @@ def parser() -> argparse.ArgumentParser:
     )
     for f in fields(Settings):
         default = f.default if f.default is not MISSING else None
-        ap.add_argument(
-            "--" + f.name.replace("_", "-"),
-            type=type(default) if not isinstance(default, Path) else Path,
-            default=default,
-            help=f"{f.metadata['help']} [env {_env_name(f.name)}]",
-        )
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f"{f.metadata['help']} [env {_env_name(f.name)}]"
+        if isinstance(default, bool):
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        else:
+            ap.add_argument(flag, type=type(default) if not isinstance(default, Path) else Path, default=default,
+                            help=help_)
     return ap
 
 
@@ -86,6 +95,9 @@ def load_settings(argv: list[str] | None = None, environ: dict | None = None) ->
     for f in fields(Settings):
         value = environ.get(_env_name(f.name))
         if value is not None:
-            cast = Path if f.type in ("Path", Path) else type(f.default)
-            ap.set_defaults(**{f.name: cast(value)})
+            if isinstance(f.default, bool):
+                parsed = value.strip().lower() in ("1", "true", "yes", "on")
+            else:
+                parsed = (Path if f.type in ("Path", Path) else type(f.default))(value)
+            ap.set_defaults(**{f.name: parsed})
     return Settings(**vars(ap.parse_args(argv)))

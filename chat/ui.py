@@ -50,6 +50,7 @@ class Ctx:
     random_weights: bool = False
     model_name: str = ""
     exit_code: int = 0
+    api: object = None  # the /v1 state (chat.api.ApiState), set by app.py
     active: dict[str, object] = field(default_factory=dict)  # Gradio session -> engine Handle
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -381,19 +382,23 @@ def build(ctx: Ctx, browser_key: str, delete_cache: tuple[int, int] | None = Non
                                 elem_id="system")
 
         outputs = [conv_id, chatbot, box, conv_list, status, title]
+        # The page's events are for the page: not listed or callable as a Gradio API (the /v1
+        # API is the way in for programs), and the queue runs with api_open=False.
+        PRIVATE = {"api_visibility": "private"}
         sampling = [mode, temperature, top_p, max_new, system]
-        demo.load(bind(on_load, ctx), [secret], [secret, conv_list])
-        box.submit(bind(send, ctx), [secret, conv_id, box, *sampling], outputs,
-                          concurrency_limit=None)
-        regen_btn.click(bind(regenerate, ctx), [secret, conv_id, *sampling], outputs,
-                                concurrency_limit=None)
+        demo.load(bind(on_load, ctx), [secret], [secret, conv_list], **PRIVATE)
+        box.submit(bind(send, ctx), [secret, conv_id, box, *sampling], outputs, concurrency_limit=None, **PRIVATE)
+        regen_btn.click(bind(regenerate, ctx), [secret, conv_id, *sampling], outputs, concurrency_limit=None,
+                        **PRIVATE)
         # No `cancels=`: the engine ends the answer and the streaming handler shows it as stopped.
-        stop_btn.click(bind(stop, ctx), None, [status], queue=False)
-        new_btn.click(new_chat, None, [conv_id, chatbot, title, conv_list, status], queue=False)
-        conv_list.input(bind(open_conversation, ctx), [secret, conv_list], [conv_id, chatbot, title, mode])
-        rename_btn.click(bind(rename, ctx), [secret, conv_id, title], [conv_list, status])
-        title.submit(bind(rename, ctx), [secret, conv_id, title], [conv_list, status])
-        delete_btn.click(bind(delete, ctx), [secret, conv_id], [conv_id, chatbot, title, conv_list, status])
-        mode.input(bind(change_mode, ctx), [secret, conv_id, mode], [temperature, max_new])
+        stop_btn.click(bind(stop, ctx), None, [status], queue=False, **PRIVATE)
+        new_btn.click(new_chat, None, [conv_id, chatbot, title, conv_list, status], queue=False, **PRIVATE)
+        conv_list.input(bind(open_conversation, ctx), [secret, conv_list], [conv_id, chatbot, title, mode],
+                        **PRIVATE)
+        rename_btn.click(bind(rename, ctx), [secret, conv_id, title], [conv_list, status], **PRIVATE)
+        title.submit(bind(rename, ctx), [secret, conv_id, title], [conv_list, status], **PRIVATE)
+        delete_btn.click(bind(delete, ctx), [secret, conv_id], [conv_id, chatbot, title, conv_list, status],
+                         **PRIVATE)
+        mode.input(bind(change_mode, ctx), [secret, conv_id, mode], [temperature, max_new], **PRIVATE)
         demo.unload(bind(page_closed, ctx))
     return demo

@@ -252,5 +252,5 @@ def load(model: str, data_dir: Path, device: str = "auto") -> Loaded:
         ) from exc
     net.eval()
     log.info("model ready in %.1f s: %s", time.monotonic() - started, source)
-    name = "tiny-random" if random_weights else model.rstrip("/")
+    name = TINY_RANDOM if random_weights else (Path(source).expanduser().name if looks_local else model)
     return Loaded(model=net, processor=processor, name=name, device=dev, dtype=dtype, random_weights=random_weights)

@@ -58,6 +58,9 @@ class GenParams:
     max_new_tokens: int = 1024
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # False: a prompt plus max_new_tokens over the context is refused. True (an API request that
+    # named no max_tokens): the answer may use whatever room the context has left.
+    fit_to_context: bool = False
 
 
 @dataclass

@@ -12,11 +12,12 @@ and CUDA sees one stream of work.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import torch
 from PIL import Image
@@ -60,6 +61,7 @@ class Handle:
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._state = "queued"  # -> running -> finished, or queued -> finished on cancel
+        self._waker: Callable[[], None] | None = None
 
     def cancel(self) -> None:
         """Stop this request: at once if it is still queued, else within a decode step."""
@@ -94,6 +96,23 @@ class Handle:
             if isinstance(event, (Done, Failed)):
                 return
 
+    async def aevents(self) -> AsyncIterator[Event]:
+        """The same events for an asyncio caller, without parking a thread per waiting request."""
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        self._waker = lambda: loop.call_soon_threadsafe(wake.set)
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                wake.clear()
+                if self._events.empty():  # an event put after the check above sets `wake` again
+                    await wake.wait()
+                continue
+            yield event
+            if isinstance(event, (Done, Failed)):
+                return
+
     def wait(self, timeout: float | None = None) -> Done | Failed | None:
         """Block until the request ends; the final event."""
         self._done.wait(timeout)
@@ -101,10 +120,20 @@ class Handle:
 
     def _emit(self, event: Event) -> None:
         self._events.put(event)
+        self._wake()
+
+    def _wake(self) -> None:
+        waker = self._waker
+        if waker is not None:
+            try:
+                waker()
+            except RuntimeError:  # the caller's event loop is gone
+                pass
 
     def _finish(self, event: Done | Failed) -> None:
         self.result = event
         self._events.put(event)
+        self._wake()
         if self.on_finish is not None:
             try:
                 self.on_finish(event)
@@ -276,12 +305,14 @@ class Engine:
         prompt, opened = self.build_prompt(handle.request.messages)
         n_prompt = len(prompt.ids)
         room = self.max_context - n_prompt
-        if room < 1:
+        if room < 1 or (params.max_new_tokens > room and not params.fit_to_context):
+            over = n_prompt + params.max_new_tokens - self.max_context
             raise ContextTooLong(
-                f"The conversation is {n_prompt} tokens; the limit is {self.max_context}. "
-                "Start a new chat or remove an image."
+                f"This conversation is {n_prompt} tokens and the answer may take {params.max_new_tokens}; together "
+                f"that is {over} over the {self.max_context}-token limit. Start a new chat, remove an image, or "
+                "ask for a shorter answer."
             )
-        max_new = max(1, min(params.max_new_tokens, room))
+        max_new = min(params.max_new_tokens, room)
 
         # Reuse up to the last prompt token (one must run to give logits), never splitting an image.
         limit = n_prompt - 1
