@@ -120,8 +120,9 @@ def create_app(settings: Settings):
 
     @app.middleware("http")
     async def no_side_doors(request, call_next):
-        # The page talks to Gradio through its queue (/gradio_api/queue/...). Gradio's other ways
-        # to call an event directly are closed: programs use /v1, with its keys and limits.
+        # The page talks to Gradio through its queue (/gradio_api/queue/...; every page event is
+        # queued, none uses queue=False). Gradio's other ways to call an event directly are
+        # closed: programs use /v1, with its keys and limits.
         if request.url.path.startswith(("/gradio_api/call/", "/gradio_api/run/", "/gradio_api/api/")):
             return JSONResponse({"error": "Not available; use the page, or the /v1 API."}, status_code=404)
         return await call_next(request)

@@ -391,8 +391,8 @@ def build(ctx: Ctx, browser_key: str, delete_cache: tuple[int, int] | None = Non
         regen_btn.click(bind(regenerate, ctx), [secret, conv_id, *sampling], outputs, concurrency_limit=None,
                         **PRIVATE)
         # No `cancels=`: the engine ends the answer and the streaming handler shows it as stopped.
-        stop_btn.click(bind(stop, ctx), None, [status], queue=False, **PRIVATE)
-        new_btn.click(new_chat, None, [conv_id, chatbot, title, conv_list, status], queue=False, **PRIVATE)
+        stop_btn.click(bind(stop, ctx), None, [status], **PRIVATE)
+        new_btn.click(new_chat, None, [conv_id, chatbot, title, conv_list, status], **PRIVATE)
         conv_list.input(bind(open_conversation, ctx), [secret, conv_list], [conv_id, chatbot, title, mode],
                         **PRIVATE)
         rename_btn.click(bind(rename, ctx), [secret, conv_id, title], [conv_list, status], **PRIVATE)
