@@ -100,7 +100,7 @@ def create_app(settings: Settings):
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException
 
-    from chat import ui
+    from chat import page, ui
     from chat.api import ApiError, ApiState, router
     from chat.store import Store
 
@@ -158,7 +158,7 @@ def create_app(settings: Settings):
         return Response(data, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     hours = settings.gradio_cache_hours * 3600
-    demo = ui.build(ctx, browser_key(settings.data_dir), delete_cache=(min(hours, 3600), hours))
+    demo = page.build(ctx, browser_key(settings.data_dir), delete_cache=(min(hours, 3600), hours))
     demo.queue(api_open=False, max_size=settings.max_waiting * 4, default_concurrency_limit=None)
     auth = tuple(settings.auth.split(":", 1)) if settings.auth else None
     app = gr.mount_gradio_app(

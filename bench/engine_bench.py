@@ -30,10 +30,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chat.engine.loader import TINY_CHAT_TEMPLATE, _tiny_tokenizer  # noqa: E402
-from chat.engine.prompt import template_messages  # noqa: E402
+from chat.engine.prompt import split_visual, template_messages  # noqa: E402
 from chat.engine.runner import Runner  # noqa: E402
 from chat.engine.types import ChatRequest, Delta, GenParams  # noqa: E402
 from chat.engine.worker import Engine  # noqa: E402
+from chat.images import detail_pixels  # noqa: E402
 
 REAL = dict(
     text=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
@@ -154,8 +155,10 @@ def generate_baseline(model, processor, image_bytes: dict, msgs, n: int) -> tupl
     t0 = sync_time()
     tmpl, ids = template_messages(msgs)
     text = processor.apply_chat_template(tmpl, tokenize=False, add_generation_prompt=True)
-    images = [Image.open(io.BytesIO(image_bytes[i])).convert("RGB") for i in ids]
-    inputs = processor(text=[text], images=images, return_tensors="pt").to(model.device)
+    images = [Image.open(io.BytesIO(image_bytes[split_visual(i)[0]])).convert("RGB") for i in ids]
+    lo, hi = detail_pixels("auto")  # the engine's default budget, so both see the same tokens
+    inputs = processor(text=[text], images=images, return_tensors="pt",
+                       size={"shortest_edge": lo, "longest_edge": hi}).to(model.device)
     model.model.rope_deltas = None
     out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
     return sync_time() - t0, out[0, inputs["input_ids"].shape[1]:].tolist()
@@ -164,7 +167,8 @@ def generate_baseline(model, processor, image_bytes: dict, msgs, n: int) -> tupl
 def engine_greedy(runner: Runner, engine: Engine, msgs, n: int) -> list[int]:
     """Greedy ids through the engine's own prefill/decode path (no worker)."""
     prompt, opened = engine.build_prompt(msgs)
-    feats = runner.encode([opened.get(s.image_id) or engine.fetch_image(s.image_id) for s in prompt.images])
+    shas = [split_visual(s.image_id)[0] for s in prompt.images]
+    feats = runner.encode([opened.get(i) or engine.fetch_image(i) for i in shas], "auto")
     kv = runner.new_cache()
     logits = runner.forward(prompt.ids, prompt.positions, 0, kv, [(s.start, f) for s, f in zip(prompt.images, feats,
                                                                                              strict=True)])
@@ -230,7 +234,7 @@ def main() -> None:
     bare = []
     for _ in range(3):
         t0 = sync_time()
-        feats = runner.encode([img])
+        feats = runner.encode([img], "auto")
         runner.forward(prompt.ids, prompt.positions, 0, runner.new_cache(), [(prompt.images[0].start, feats[0])])
         bare.append(sync_time() - t0)
     bare_prefill = min(bare)
@@ -250,7 +254,8 @@ def main() -> None:
     # tells the model's own step time apart from the worker's per-token work around it.
     prompt, opened = engine.build_prompt(msgs)
     kv = runner.new_cache()
-    feats = runner.encode([opened.get(prompt.images[0].image_id) or engine.fetch_image(prompt.images[0].image_id)])
+    sha = split_visual(prompt.images[0].image_id)[0]
+    feats = runner.encode([opened.get(sha) or engine.fetch_image(sha)], "auto")
     runner.forward(prompt.ids, prompt.positions, 0, kv, [(prompt.images[0].start, feats[0])])
     steps = []
     for i in range(30):

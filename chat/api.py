@@ -137,7 +137,10 @@ def parse_messages(state: ApiState, raw) -> list[dict]:
                     in_msg = sum(p["type"] == "image" for p in parts) + 1
                     if in_msg > state.settings.max_images_per_message:
                         raise bad(f"A message may carry {state.settings.max_images_per_message} images.", pwhere)
-                    parts.append({"type": "image", "image_id": _image_from_url(state, part, pwhere)})
+                    spec = part.get("image_url")
+                    detail = spec.get("detail") if isinstance(spec, dict) else None
+                    parts.append({"type": "image", "image_id": _image_from_url(state, part, pwhere),
+                                  "detail": detail if detail in ("low", "high") else "auto"})
                 else:
                     raise bad(f"Unsupported content part {kind!r} for role {role}; use text (and image_url in user "
                               "messages).", f"{pwhere}.type")

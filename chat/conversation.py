@@ -75,7 +75,8 @@ def engine_messages(rows: list[dict], system_prompt: str) -> list[dict]:
             if row["status"] in _REPLAYED and row["text"]:
                 out.append({"role": "assistant", "content": row["text"]})
         elif row["role"] == "user":
-            parts = [{"type": "image", "image_id": i} for i in row["image_ids"]]
+            detail = (row.get("settings") or {}).get("detail", "auto")
+            parts = [{"type": "image", "image_id": i, "detail": detail} for i in row["image_ids"]]
             parts.append({"type": "text", "text": row["text"]})
             out.append({"role": "user", "content": parts})
     return out
@@ -90,3 +91,29 @@ def title_from(text: str, limit: int = 60) -> str:
         return line
     cut = line[:limit].rsplit(" ", 1)[0]
     return (cut or line[:limit]) + "…"
+
+
+def context_used(rows: list[dict]) -> int:
+    """Tokens the conversation holds so far, from the last answer's usage (0 before any answer)."""
+    for row in reversed(rows):
+        usage = row.get("usage") or {}
+        if row["role"] == "assistant" and "prompt_tokens" in usage:
+            return usage["prompt_tokens"] + usage.get("completion_tokens", 0)
+    return 0
+
+
+def attachment_preview(names: list[str], plans: list, used: int, limit: int, answer_tokens: int) -> str:
+    """Markdown for the page: what each attached image costs and how much context is left."""
+    lines = []
+    for name, p in zip(names, plans, strict=True):
+        lines.append(f"- **{name}**: {p.describe()}")
+    cost = sum(p.tokens for p in plans)
+    left = limit - used - cost - answer_tokens
+    summary = (f"Images: {cost:,} tokens. Conversation so far: about {used:,}; room for the answer "
+               f"({answer_tokens:,}) included, about {max(left, 0):,} of {limit:,} tokens are left.")
+    if left < 0:
+        summary += (f" **This is about {-left:,} tokens over the limit**: choose a lower detail, remove an image, "
+                    "ask for a shorter answer or start a new chat.")
+    if any(p.scaled_down for p in plans):
+        summary += " Scaled-down images lose small text; choose High detail for documents and screenshots."
+    return "\n".join(lines + [summary])

@@ -268,3 +268,70 @@ def _over(value: float, limit: float) -> str:
         if float(text) > limit / 1e6:
             return text
     return f"{value / 1e6:.6f}"
+
+
+# -- resolution budget ------------------------------------------------------------------------
+
+DETAILS = ("low", "auto", "high")
+DEFAULT_DETAIL = "auto"
+# Visual tokens an image may use at each level (one token per 32x32 pixels). Auto keeps a
+# 1920x1080 screenshot at its native resolution (2,040 tokens); High is for dense documents.
+DETAIL_TOKENS = {"low": 256, "auto": 2560, "high": 4096}
+MIN_TOKENS = 64
+PIXELS_PER_TOKEN = 32 * 32
+
+
+def detail_pixels(detail: str) -> tuple[int, int]:
+    """(min_pixels, max_pixels) of the processor for a detail level."""
+    if detail not in DETAIL_TOKENS:
+        raise ImageError(f"Unknown detail level '{detail}'; use low, auto or high.")
+    return MIN_TOKENS * PIXELS_PER_TOKEN, DETAIL_TOKENS[detail] * PIXELS_PER_TOKEN
+
+
+def lower_detail(detail: str) -> str | None:
+    """The next lower level, or None at the bottom."""
+    i = DETAILS.index(detail)
+    return DETAILS[i - 1] if i > 0 else None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the model will see of one image."""
+
+    width: int
+    height: int
+    model_width: int
+    model_height: int
+    tokens: int  # visual tokens, plus the 2 vision start/end tokens
+
+    @property
+    def scaled_down(self) -> bool:
+        """True when the model sees clearly fewer pixels than the image has (not mere rounding to 32 px)."""
+        return self.model_width * self.model_height < 0.9 * self.width * self.height
+
+    def describe(self) -> str:
+        """One line for a person."""
+        line = f"{self.width}×{self.height} → model sees {self.model_width}×{self.model_height}, {self.tokens:,} tokens"
+        return line + (" (scaled down)" if self.scaled_down else "")
+
+
+def plan(width: int, height: int, detail: str = DEFAULT_DETAIL) -> Plan:
+    """How an image of this size is resized and what it costs at `detail`."""
+    min_pixels, max_pixels = detail_pixels(detail)
+    width, height = max(width, MIN_SIDE), max(height, MIN_SIDE)  # sanitize pads tiny images
+    h, w = smart_resize(height, width, min_pixels=min_pixels, max_pixels=max_pixels)
+    return Plan(width, height, w, h, (h // 32) * (w // 32) + 2)
+
+
+def upright_size(data: bytes) -> tuple[int, int]:
+    """Width and height as the image will be stored (EXIF rotation applied), from the header only."""
+    try:
+        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as img:
+            w, h = img.size
+            try:
+                orientation = img.getexif().get(0x0112, 1)
+            except _EXIF_ERRORS:
+                orientation = 1
+    except Exception as err:
+        raise ImageError(UNSUPPORTED) from err
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import inspect
 import logging
 import secrets
 import threading
@@ -29,9 +28,9 @@ from pathlib import Path
 import gradio as gr
 
 from chat.config import Settings
-from chat.conversation import DEFAULT_MODE, MODES, engine_messages, mode_for, title_from
+from chat.conversation import attachment_preview, context_used, engine_messages, mode_for, title_from
 from chat.engine.types import ChatRequest, Delta, Done, EngineError, Failed
-from chat.images import ImageError, sanitize
+from chat.images import DEFAULT_DETAIL, DETAILS, ImageError, plan, sanitize, upright_size
 from chat.store import NotFound, Store
 
 log = logging.getLogger(__name__)
@@ -189,6 +188,35 @@ def page_closed(ctx: Ctx, request: gr.Request) -> None:
     stop(ctx, request)
 
 
+@functools.lru_cache(maxsize=256)
+def _upright_size(path: str) -> tuple[int, int]:
+    # Upload paths are unique per upload, so the header is read once, not on every keystroke.
+    return upright_size(Path(path).read_bytes())
+
+
+def preview(ctx: Ctx, secret, conv_id, box, detail, max_new_tokens, request: gr.Request) -> str:
+    """Before sending: each attached image's size, what the model will see, its token cost, context left."""
+    files = (box or {}).get("files") or []
+    if not files:
+        return ""
+    names, plans = [], []
+    for f in files:
+        path = Path(f if isinstance(f, str) else f.get("path", ""))
+        name = f.get("orig_name") if isinstance(f, dict) and f.get("orig_name") else path.name
+        try:
+            plans.append(plan(*_upright_size(str(path)), detail or DEFAULT_DETAIL))
+        except (ImageError, OSError) as exc:
+            return f"**{name}**: {exc if isinstance(exc, ImageError) else 'could not be read.'}"
+        names.append(name)
+    used = 0
+    if conv_id:
+        try:
+            used = context_used(ctx.store.messages(owner_of(secret, request), conv_id))
+        except NotFound:
+            pass
+    return attachment_preview(names, plans, used, ctx.settings.context_tokens, int(max_new_tokens))
+
+
 def _clean_uploads(ctx: Ctx, files: list) -> list[str]:
     """Sanitize and store attached images; their sha256 ids."""
     s = ctx.settings
@@ -209,7 +237,8 @@ def _clean_uploads(ctx: Ctx, files: list) -> list[str]:
     return ids
 
 
-def send(ctx: Ctx, secret, conv_id, box, mode, temperature, top_p, max_new_tokens, system, request: gr.Request):
+def send(ctx: Ctx, secret, conv_id, box, mode, temperature, top_p, max_new_tokens, system, detail="auto",
+         request: gr.Request = None):
     """Store the user's message (and images), then stream the answer into the chat."""
     owner = owner_of(secret, request)
     box = box or {}
@@ -220,7 +249,7 @@ def send(ctx: Ctx, secret, conv_id, box, mode, temperature, top_p, max_new_token
     image_ids = _clean_uploads(ctx, files)
     m = mode_for(mode)
     settings = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
-                "system": system or ""}
+                "system": system or "", "detail": detail if detail in DETAILS else DEFAULT_DETAIL}
     try:
         if conv_id:
             ctx.store.get_conversation(owner, conv_id)
@@ -311,6 +340,7 @@ def _answer(ctx: Ctx, owner, conv_id, session, settings, mode, choices, clear_bo
                 note = {"stopped": "Stopped.", "complete": ""}[status]
                 if event.finish_reason == "length":
                     note = "The answer reached the length limit (Settings → Max new tokens)."
+                note = f"{event.notice} {note}".strip()
                 yield gr.skip(), history, gr.skip(), gr.skip(), note, gr.skip()
             elif isinstance(event, Failed):
                 history[-1] = {"role": "assistant", "content": answer_markdown(event.text, "error", event.message)}
@@ -322,83 +352,3 @@ def _answer(ctx: Ctx, owner, conv_id, session, settings, mode, choices, clear_bo
         with ctx.lock:
             if ctx.active.get(session) is handle:
                 del ctx.active[session]
-
-
-# -- layout ---------------------------------------------------------------------------------
-
-
-def bind(fn, ctx: Ctx):
-    """`fn` with `ctx` filled in, keeping what Gradio inspects: signature, type hints, generator-ness."""
-    if inspect.isgeneratorfunction(fn):
-        def bound(*args, **kwargs):
-            yield from fn(ctx, *args, **kwargs)
-    else:
-        def bound(*args, **kwargs):
-            return fn(ctx, *args, **kwargs)
-    functools.update_wrapper(bound, fn)
-    sig = inspect.signature(fn)
-    bound.__signature__ = sig.replace(parameters=list(sig.parameters.values())[1:])
-    return bound
-
-
-def build(ctx: Ctx, browser_key: str, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
-    """The Blocks page."""
-    mode_choices = [(m.label, m.key) for m in MODES.values()]
-    default = MODES[DEFAULT_MODE]
-    with gr.Blocks(title="vlchat", fill_height=True, delete_cache=delete_cache) as demo:
-        secret = gr.BrowserState(None, storage_key="vlchat-identity", secret=browser_key)
-        conv_id = gr.State(None)
-        if ctx.random_weights:
-            gr.Markdown(
-                "⚠ **Test model with random weights.** Answers are noise; everything around them is real.",
-                elem_id="random-weights-banner", elem_classes=["banner"],
-            )
-        with gr.Sidebar(label="Conversations", position="left"):
-            new_btn = gr.Button("New chat", variant="primary", elem_id="new-chat")
-            conv_list = gr.Radio(label="Conversations", choices=[], elem_id="conversation-list")
-            title = gr.Textbox(label="Title", elem_id="title", max_lines=1)
-            with gr.Row():
-                rename_btn = gr.Button("Rename", size="sm", elem_id="rename")
-                delete_btn = gr.Button("Delete", size="sm", variant="stop", elem_id="delete")
-        mode = gr.Radio(mode_choices, value=default.key, label="Mode", elem_id="mode")
-        chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=520, buttons=["copy"],
-                             feedback_options=None, placeholder="Attach or paste an image and ask about it.")
-        status = gr.Markdown("", elem_id="status", container=False)
-        box = gr.MultimodalTextbox(
-            file_types=["image"], file_count="multiple", sources=["upload"], elem_id="input",
-            placeholder="Ask about an image — Enter sends, Shift+Enter for a new line; paste or drop images",
-            show_label=False, autofocus=True, max_plain_text_length=100_000,  # long pastes stay text
-        )
-        with gr.Row():
-            stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
-            regen_btn = gr.Button("Regenerate", elem_id="regenerate")
-        with gr.Accordion("Settings", open=False, elem_id="settings"):
-            temperature = gr.Slider(0.0, 2.0, value=default.temperature, step=0.05, label="Temperature",
-                                    elem_id="temperature")
-            top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top p", elem_id="top-p")
-            max_new = gr.Slider(16, ctx.settings.max_new_tokens_limit, value=default.max_new_tokens, step=16,
-                                label="Max new tokens", elem_id="max-new-tokens")
-            system = gr.Textbox(label="System prompt override (empty: the mode's prompt)", lines=3,
-                                elem_id="system")
-
-        outputs = [conv_id, chatbot, box, conv_list, status, title]
-        # The page's events are for the page: not listed or callable as a Gradio API (the /v1
-        # API is the way in for programs), and the queue runs with api_open=False.
-        PRIVATE = {"api_visibility": "private"}
-        sampling = [mode, temperature, top_p, max_new, system]
-        demo.load(bind(on_load, ctx), [secret], [secret, conv_list], **PRIVATE)
-        box.submit(bind(send, ctx), [secret, conv_id, box, *sampling], outputs, concurrency_limit=None, **PRIVATE)
-        regen_btn.click(bind(regenerate, ctx), [secret, conv_id, *sampling], outputs, concurrency_limit=None,
-                        **PRIVATE)
-        # No `cancels=`: the engine ends the answer and the streaming handler shows it as stopped.
-        stop_btn.click(bind(stop, ctx), None, [status], **PRIVATE)
-        new_btn.click(new_chat, None, [conv_id, chatbot, title, conv_list, status], **PRIVATE)
-        conv_list.input(bind(open_conversation, ctx), [secret, conv_list], [conv_id, chatbot, title, mode],
-                        **PRIVATE)
-        rename_btn.click(bind(rename, ctx), [secret, conv_id, title], [conv_list, status], **PRIVATE)
-        title.submit(bind(rename, ctx), [secret, conv_id, title], [conv_list, status], **PRIVATE)
-        delete_btn.click(bind(delete, ctx), [secret, conv_id], [conv_id, chatbot, title, conv_list, status],
-                         **PRIVATE)
-        mode.input(bind(change_mode, ctx), [secret, conv_id, mode], [temperature, max_new], **PRIVATE)
-        demo.unload(bind(page_closed, ctx))
-    return demo

@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from chat.engine.prompt import template_messages
+from chat.engine.prompt import split_visual, template_messages
 from chat.engine.runner import Runner, TextStream
 from chat.engine.types import Busy, ChatRequest, Delta, Done, Failed, GenParams, NotReady
 from chat.engine.worker import Engine
+from chat.images import detail_pixels
 
 RED = Image.new("RGB", (200, 120), (200, 10, 10))
 FRACTAL = Image.effect_mandelbrot((96, 288), (-2, -1, 1, 1), 60).convert("RGB")
@@ -42,7 +43,9 @@ def reference_logits(loaded, messages):
     """Last-position logits of a full, uncached forward through transformers' own model class."""
     tmpl, ids = template_messages(messages)
     text = loaded.processor.apply_chat_template(tmpl, tokenize=False, add_generation_prompt=True)
-    inputs = loaded.processor(text=[text], images=[IMAGES[i] for i in ids] or None, return_tensors="pt")
+    lo, hi = detail_pixels("auto")
+    inputs = loaded.processor(text=[text], images=[IMAGES[split_visual(i)[0]] for i in ids] or None,
+                              return_tensors="pt", size={"shortest_edge": lo, "longest_edge": hi})
     inputs = inputs.to(loaded.model.device)
     loaded.model.model.rope_deltas = None
     with torch.no_grad():
@@ -56,7 +59,7 @@ def test_prompt_and_first_turn_match_transformers(engine, loaded):
     ref_ids, ref = reference_logits(loaded, messages)
     assert prompt.ids == ref_ids
     runner = engine.runner
-    feats = runner.encode([RED, FRACTAL])
+    feats = runner.encode([RED, FRACTAL], "auto")
     kv = runner.new_cache()
     logits = runner.forward(prompt.ids, prompt.positions, 0, kv,
                             [(s.start, f) for s, f in zip(prompt.images, feats, strict=True)])
@@ -221,3 +224,41 @@ def test_stop_strings_cut_the_answer(engine):
     assert done.finish_reason == "stop"
     assert stop not in done.text and probe.text.startswith(done.text)
     assert "".join(e.text for e in events if isinstance(e, Delta)) == done.text
+
+
+def test_detail_levels_change_the_image_cost_and_never_share_a_prefix(engine):
+    big = Image.effect_mandelbrot((1600, 1000), (-2, -1, 1, 1), 40).convert("RGB")
+    IMAGES["big"] = big
+    try:
+        low = run(engine, [{"role": "user", "content": [{"type": "image", "image_id": "big", "detail": "low"},
+                                                        {"type": "text", "text": "?"}]}], max_new_tokens=2)[-1]
+        auto = run(engine, [{"role": "user", "content": [{"type": "image", "image_id": "big", "detail": "auto"},
+                                                         {"type": "text", "text": "?"}]}], max_new_tokens=2)[-1]
+    finally:
+        del IMAGES["big"]
+    assert low.usage.images_encoded == 1 and auto.usage.images_encoded == 1  # a new detail is a new encoding
+    assert low.usage.prompt_tokens < 300 < auto.usage.prompt_tokens
+    assert auto.usage.cached_tokens < 10  # only the text before the image is shared
+
+
+def test_out_of_memory_retries_once_at_lower_detail(engine):
+    original = engine.runner.encode
+    seen = []
+
+    def encode(images, detail):
+        seen.append(detail)
+        if detail != "low":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(images, detail)
+
+    engine.runner.encode = encode
+    try:
+        done = run(engine, [user("What is it?", "fractal")], max_new_tokens=3)[-1]
+        assert isinstance(done, Done) and "lower detail" in done.notice
+        assert seen == ["auto", "low"]
+        engine.runner.encode = lambda images, detail: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("oom"))
+        failed = run(engine, [user("And this?", "red")], max_new_tokens=3)[-1]
+        assert isinstance(failed, Failed) and "ran out of memory" in failed.message
+    finally:
+        engine.runner.encode = original
+    assert isinstance(run(engine, [user("fine now?", "red")])[-1], Done)

@@ -46,9 +46,9 @@ def drain(gen):
     return list(gen)
 
 
-def send(ctx, secret, conv_id, text, files=(), max_new=24, req=None, system=""):
+def send(ctx, secret, conv_id, text, files=(), max_new=24, req=None, system="", detail="auto"):
     return drain(ui.send(ctx, secret, conv_id, {"text": text, "files": list(files)}, "general", 0.0, 0.9, max_new,
-                         system, req or Req()))
+                         system, detail, req or Req()))
 
 
 SECRET = "x" * 40
@@ -142,7 +142,7 @@ def test_regenerate_replaces_the_last_answer(ctx):
 
 def test_stop_button_marks_the_answer_stopped(ctx):
     req = Req(session="tab-1")
-    gen = ui.send(ctx, SECRET, None, {"text": "go on", "files": []}, "general", 0.0, 0.9, 4000, "", req)
+    gen = ui.send(ctx, SECRET, None, {"text": "go on", "files": []}, "general", 0.0, 0.9, 4000, "", "auto", req)
     updates = [next(gen), next(gen)]  # the question is stored, the first text arrives
     assert ui.stop(ctx, req) == "Stopped."
     updates += list(gen)
@@ -156,7 +156,7 @@ def test_stop_button_marks_the_answer_stopped(ctx):
 
 def test_closed_page_stops_and_keeps_the_partial_answer(ctx):
     req = Req(session="tab-2")
-    gen = ui.send(ctx, SECRET, None, {"text": "go on", "files": []}, "general", 0.0, 0.9, 4000, "", req)
+    gen = ui.send(ctx, SECRET, None, {"text": "go on", "files": []}, "general", 0.0, 0.9, 4000, "", "auto", req)
     conv_id = next(gen)[0]
     next(gen)
     ui.page_closed(ctx, req)  # what Gradio's unload calls
@@ -200,3 +200,39 @@ def test_pasted_jpeg_with_exif_is_stored_clean(ctx, tmp_path):
     sha = ctx.store.messages(ui.owner_of(SECRET, Req()), conv_id)[0]["image_ids"][0]
     stored = Image.open(io.BytesIO(ctx.store.image_bytes(sha)))
     assert stored.size == (40, 80) and not stored.getexif()
+
+
+@pytest.mark.parametrize("size", [(1920, 1080), (4032, 3024), (640, 480), (300, 2000), (20, 20)])
+def test_preview_figures_match_the_processor(ctx, tmp_path, loaded, size):
+    from chat.images import detail_pixels
+
+    path = png(tmp_path, "shot.png", size=size)
+    for detail in ("low", "auto", "high"):
+        text = ui.preview(ctx, SECRET, None, {"text": "", "files": [path]}, detail, 512, Req())
+        lo, hi = detail_pixels(detail)
+        img = Image.open(path).convert("RGB")
+        if min(img.size) < 32:  # the sanitizer pads tiny images to 32 px first
+            img = img.resize((max(img.width, 32), max(img.height, 32)))
+        grid = loaded.processor.image_processor(images=[img], return_tensors="pt",
+                                                size={"shortest_edge": lo, "longest_edge": hi})["image_grid_thw"][0]
+        tokens = int(grid.prod()) // 4 + 2
+        seen = f"{int(grid[2]) * 16}×{int(grid[1]) * 16}"
+        assert f"model sees {seen}, {tokens:,} tokens" in text, (detail, text)
+        assert ("(scaled down)" in text) == (int(grid.prod()) * 256 < 0.9 * max(size[0], 32) * max(size[1], 32))
+
+
+def test_preview_warns_when_over_the_context(ctx, tmp_path):
+    ctx.settings = Settings(data_dir=ctx.settings.data_dir, context_tokens=3000)
+    text = ui.preview(ctx, SECRET, None, {"text": "", "files": [png(tmp_path, "big.png", size=(4000, 3000))]},
+                      "high", 512, Req())
+    assert "over the limit" in text and "lower detail" in text
+
+
+def test_detail_is_stored_and_used(ctx, tmp_path):
+    path = png(tmp_path, "wide.png", size=(1600, 900))
+    low = send(ctx, SECRET, None, "low one", [path], detail="low")[0][0]
+    high = send(ctx, SECRET, None, "high one", [path], detail="high")[0][0]
+    owner = ui.owner_of(SECRET, Req())
+    low_rows, high_rows = ctx.store.messages(owner, low), ctx.store.messages(owner, high)
+    assert low_rows[0]["settings"]["detail"] == "low"
+    assert low_rows[-1]["usage"]["prompt_tokens"] + 1000 < high_rows[-1]["usage"]["prompt_tokens"]

@@ -28,7 +28,7 @@ import torch
 class ImageSpan:
     """Where one image's placeholder tokens sit in the prompt."""
 
-    image_id: str
+    image_id: str  # a visual id: the image's sha256 and its detail level
     start: int
     length: int
     grid_thw: tuple[int, int, int]
@@ -45,13 +45,24 @@ class Prompt:
     next_position: int  # position of the first generated token (all three axes)
 
 
+def visual_id(image_id: str, detail: str) -> str:
+    """The unit the engine encodes and caches: one image at one detail level."""
+    return f"{image_id}@{detail}"
+
+
+def split_visual(vid: str) -> tuple[str, str]:
+    """(image_id, detail) of a visual id."""
+    image_id, _, detail = vid.rpartition("@")
+    return image_id, detail
+
+
 def image_key(image_id: str) -> int:
     """A negative int that stands for every placeholder token of this image."""
     return -1 - int(hashlib.sha256(image_id.encode()).hexdigest()[:15], 16)
 
 
 def template_messages(messages: list[dict]) -> tuple[list[dict], list[str]]:
-    """Messages for `apply_chat_template` (image parts without payload) and the image ids in order."""
+    """Messages for `apply_chat_template` (image parts without payload) and the visual ids in order."""
     out, image_ids = [], []
     for msg in messages:
         content = msg["content"]
@@ -62,7 +73,7 @@ def template_messages(messages: list[dict]) -> tuple[list[dict], list[str]]:
         for part in content:
             if part["type"] == "image":
                 parts.append({"type": "image"})
-                image_ids.append(part["image_id"])
+                image_ids.append(visual_id(part["image_id"], part.get("detail") or "auto"))
             else:
                 parts.append({"type": "text", "text": part["text"]})
         out.append({"role": msg["role"], "content": parts})
@@ -70,7 +81,7 @@ def template_messages(messages: list[dict]) -> tuple[list[dict], list[str]]:
 
 
 def render(processor, messages: list[dict], grids: dict[str, tuple[int, int, int]], merge: int) -> Prompt:
-    """Render `messages` to a Prompt; `grids` maps each image id to its patch grid (t, h, w)."""
+    """Render `messages` to a Prompt; `grids` maps each visual id to its patch grid (t, h, w)."""
     tmpl, image_ids = template_messages(messages)
     text = processor.apply_chat_template(tmpl, tokenize=False, add_generation_prompt=True)
     pad_text = processor.image_token

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from chat.engine.cache import ImageFeatures
+from chat.images import detail_pixels
 
 
 def _smart_resize():
@@ -38,9 +39,6 @@ class Runner:
         ip = processor.image_processor
         self.patch = int(ip.patch_size)
         self.merge = int(ip.merge_size)
-        size = ip.size if isinstance(ip.size, dict) else dict(ip.size)
-        self.min_pixels = int(size.get("shortest_edge") or ip.min_pixels)
-        self.max_pixels = int(size.get("longest_edge") or ip.max_pixels)
         self.decoder = model.model.language_model
         self.embed = model.get_input_embeddings()
         eos = model.generation_config.eos_token_id
@@ -48,16 +46,20 @@ class Runner:
         cfg = model.config.get_text_config()
         self.max_context = int(getattr(cfg, "max_position_embeddings", 32768))
 
-    def grid(self, width: int, height: int) -> tuple[int, int, int]:
-        """Patch grid (t, h, w) the processor will produce for an image of this size."""
+    def grid(self, width: int, height: int, detail: str) -> tuple[int, int, int]:
+        """Patch grid (t, h, w) the processor will produce for an image of this size at `detail`."""
         factor = self.patch * self.merge
-        h, w = _smart_resize()(height, width, factor=factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        min_pixels, max_pixels = detail_pixels(detail)
+        h, w = _smart_resize()(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
         return 1, h // self.patch, w // self.patch
 
     @torch.inference_mode()
-    def encode(self, images: list[Image.Image]) -> list[ImageFeatures]:
-        """Run the vision tower once over `images`; one ImageFeatures per image."""
-        batch = self.processor.image_processor(images=images, return_tensors="pt")
+    def encode(self, images: list[Image.Image], detail: str) -> list[ImageFeatures]:
+        """Run the vision tower once over `images` at `detail`; one ImageFeatures per image."""
+        min_pixels, max_pixels = detail_pixels(detail)
+        batch = self.processor.image_processor(
+            images=images, return_tensors="pt", size={"shortest_edge": min_pixels, "longest_edge": max_pixels}
+        )
         pixel_values = batch["pixel_values"].to(self.device)
         grid_thw = batch["image_grid_thw"].to(self.device)
         out = self.model.model.get_image_features(pixel_values, grid_thw, return_dict=True)

@@ -105,6 +105,7 @@ class Done:
     finish_reason: str
     text: str
     usage: Usage
+    notice: str = ""  # something the person should know (e.g. images were lowered in detail)
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,14 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
 
 import torch
 from PIL import Image
 
-from chat.engine.cache import FeatureCache, PrefixCache
+from chat.engine.cache import FeatureCache, ImageFeatures, PrefixCache
 from chat.engine.metrics import Metrics
-from chat.engine.prompt import Prompt, render
+from chat.engine.prompt import Prompt, render, split_visual, template_messages
 from chat.engine.runner import Runner, TextStream, sample
 from chat.engine.types import (
     Busy,
@@ -39,6 +40,7 @@ from chat.engine.types import (
     NotReady,
     Usage,
 )
+from chat.images import lower_detail
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ class Handle:
         self._lock = threading.Lock()
         self._state = "queued"  # -> running -> finished, or queued -> finished on cancel
         self._waker: Callable[[], None] | None = None
+        self._emitted = False
 
     def cancel(self) -> None:
         """Stop this request: at once if it is still queued, else within a decode step."""
@@ -119,6 +122,7 @@ class Handle:
         return self.result
 
     def _emit(self, event: Event) -> None:
+        self._emitted = True
         self._events.put(event)
         self._wake()
 
@@ -140,6 +144,24 @@ class Handle:
             except Exception:  # a broken callback must not take the worker down
                 log.exception("on_finish callback failed")
         self._done.set()
+
+
+def lower_detail_request(request: ChatRequest) -> ChatRequest | None:
+    """The same request with every image one detail level lower; None if none can go lower."""
+    changed = False
+    messages = []
+    for msg in request.messages:
+        if isinstance(msg["content"], str):
+            messages.append(msg)
+            continue
+        parts = []
+        for part in msg["content"]:
+            lower = lower_detail(part.get("detail") or "auto") if part["type"] == "image" else None
+            if lower is not None:
+                part, changed = {**part, "detail": lower}, True
+            parts.append(part)
+        messages.append({**msg, "content": parts})
+    return replace(request, messages=messages) if changed else None
 
 
 class Engine:
@@ -246,7 +268,7 @@ class Engine:
                                        {"role": "user", "content": "And then?"}]
         finally:
             self._extra_images.clear()
-            self._grids.pop("warmup", None)
+            self._grids.clear()
             self.prefix.clear()
             self.features.clear()
         self.warmup_seconds = time.monotonic() - started
@@ -258,21 +280,34 @@ class Engine:
         return extra if extra is not None else self.fetch_image(image_id)
 
     def build_prompt(self, messages: list[dict]) -> tuple[Prompt, dict[str, Image.Image]]:
-        """Render messages; images whose grid is unknown are opened once (and returned for encoding)."""
+        """Render messages; images whose grid is unknown are opened once (and returned, by sha, for encoding)."""
         opened: dict[str, Image.Image] = {}
         grids = {}
-        for msg in messages:
-            if isinstance(msg["content"], str):
-                continue
-            for part in msg["content"]:
-                if part["type"] != "image":
-                    continue
-                image_id = part["image_id"]
-                if image_id not in self._grids:
-                    img = opened[image_id] = self._image(image_id)
-                    self._grids[image_id] = self.runner.grid(img.width, img.height)
-                grids[image_id] = self._grids[image_id]
+        for vid in template_messages(messages)[1]:
+            if vid not in self._grids:
+                image_id, detail = split_visual(vid)
+                img = opened.get(image_id) or self._image(image_id)
+                opened[image_id] = img
+                self._grids[vid] = self.runner.grid(img.width, img.height, detail)
+            grids[vid] = self._grids[vid]
         return render(self.runner.processor, messages, grids, self.runner.merge), opened
+
+    def _features(self, vids: list[str], opened: dict[str, Image.Image]) -> tuple[dict[str, ImageFeatures], int]:
+        """Vision features for each visual id: from the cache, else one encoder run per detail level."""
+        found = {vid: self.features.get(vid) for vid in dict.fromkeys(vids)}
+        missing = [vid for vid, feats in found.items() if feats is None]
+        by_detail: dict[str, list[str]] = {}
+        for vid in missing:
+            by_detail.setdefault(split_visual(vid)[1], []).append(vid)
+        for detail, group in by_detail.items():
+            images = []
+            for vid in group:
+                image_id = split_visual(vid)[0]
+                images.append(opened.get(image_id) or self._image(image_id))
+            for vid, feats in zip(group, self.runner.encode(images, detail), strict=True):
+                self.features.put(vid, feats)
+                found[vid] = feats  # held here even if the LRU had no room for them
+        return found, len(missing)
 
     def _serve(self, handle: Handle, metrics: Metrics) -> None:
         metrics.queue_wait.observe(time.monotonic() - handle.enqueued)
@@ -280,16 +315,24 @@ class Engine:
             metrics.requests.labels("cancelled").inc()
             return
         try:
-            result = self._generate(handle, metrics)
+            result = self._generate(handle, handle.request, metrics)
         except ContextTooLong as exc:
             result = Failed(str(exc), exc.code)
         except torch.cuda.OutOfMemoryError:
-            log.exception("out of GPU memory")
-            self.prefix.clear()
-            self.features.clear()
-            torch.cuda.empty_cache()
-            result = Failed("The GPU ran out of memory for this request. Try a shorter conversation or fewer "
-                            "images.", GenerationFailed.code)
+            log.warning("out of GPU memory; freeing caches", exc_info=True)
+            self._free_memory()
+            lowered = lower_detail_request(handle.request)
+            result = Failed("The GPU ran out of memory for this request. Try fewer images, lower detail or a "
+                            "shorter conversation.", GenerationFailed.code)
+            if lowered is not None and not handle._emitted:  # retry once, only if nothing was streamed yet
+                try:
+                    result = replace(self._generate(handle, lowered, metrics),
+                                     notice="The GPU ran out of memory, so the images were read at lower detail.")
+                except torch.cuda.OutOfMemoryError:
+                    log.warning("out of GPU memory again at lower detail")
+                    self._free_memory()
+                except ContextTooLong as exc:
+                    result = Failed(str(exc), exc.code)
         except Exception:
             log.exception("generation failed")
             result = Failed("The model failed while answering; the error is in the server log.",
@@ -298,11 +341,17 @@ class Engine:
         metrics.requests.labels(outcome).inc()
         handle._finish(result)
 
-    def _generate(self, handle: Handle, metrics: Metrics) -> Done:
+    def _free_memory(self) -> None:
+        self.prefix.clear()
+        self.features.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _generate(self, handle: Handle, request: ChatRequest, metrics: Metrics) -> Done:
         started = time.monotonic()
         runner = self.runner
-        params = handle.request.params
-        prompt, opened = self.build_prompt(handle.request.messages)
+        params = request.params
+        prompt, opened = self.build_prompt(request.messages)
         n_prompt = len(prompt.ids)
         room = self.max_context - n_prompt
         if room < 1 or (params.max_new_tokens > room and not params.fit_to_context):
@@ -319,24 +368,15 @@ class Engine:
         for span in prompt.images:
             if span.start < limit < span.start + span.length:
                 limit = span.start
-        session = handle.request.session
+        session = request.session
         kv, reuse = self.prefix.take(prompt.keys, session, limit, runner.new_cache)
         if kv is None:
             kv = runner.new_cache()
 
         new_spans = [s for s in prompt.images if s.start >= reuse]
-        missing = [s.image_id for s in new_spans if self.features.get(s.image_id) is None]
-        missing = list(dict.fromkeys(missing))
-        if missing:
-            images = [opened.get(i) or self._image(i) for i in missing]
-            for image_id, feats in zip(missing, runner.encode(images), strict=True):
-                self.features.put(image_id, feats)
-                opened[image_id] = feats  # keeps them alive even if the LRU refused them
-            metrics.images_encoded.inc(len(missing))
-        visual = []
-        for span in new_spans:
-            feats = self.features.get(span.image_id) or opened[span.image_id]
-            visual.append((span.start - reuse, feats))
+        feats, encoded = self._features([s.image_id for s in new_spans], opened)
+        metrics.images_encoded.inc(encoded)
+        visual = [(span.start - reuse, feats[span.image_id]) for span in new_spans]
 
         metrics.prompt_tokens.inc(n_prompt)
         metrics.cached_prompt_tokens.inc(reuse)
@@ -395,5 +435,5 @@ class Engine:
             self.prefix.put(keys, kv, session)
         else:  # should not happen; never keep a cache whose keys we cannot vouch for
             log.warning("prefix cache length mismatch (%d vs %d); dropped", kv.get_seq_length(), len(keys))
-        usage = Usage(n_prompt, reuse, len(generated), len(missing))
+        usage = Usage(n_prompt, reuse, len(generated), encoded)
         return Done(finish, stream.text, usage)
