@@ -259,14 +259,14 @@ def send(ctx: Ctx, secret, conv_id, box, mode, temperature, top_p, max_new_token
         if held + len(image_ids) > ctx.settings.max_images_per_conversation:
             raise gr.Error(f"This conversation would hold {held + len(image_ids)} images; the limit is "
                            f"{ctx.settings.max_images_per_conversation}. Start a new chat.")
-        ctx.store.add_message(owner, conv_id, role="user", text=text, image_ids=image_ids, mode=m.key,
-                              settings=settings)
+        question_id = ctx.store.add_message(owner, conv_id, role="user", text=text, image_ids=image_ids,
+                                            mode=m.key, settings=settings)
     except NotFound:
         raise gr.Error("That conversation no longer exists; start a new chat.") from None
     choices = gr.update(choices=conversation_choices(ctx, owner), value=conv_id)
     yield from _answer(ctx, owner, conv_id, request.session_hash, settings, m.key, choices,
                        clear_box={"text": "", "files": []},
-                       title=ctx.store.get_conversation(owner, conv_id)["title"])
+                       title=ctx.store.get_conversation(owner, conv_id)["title"], undo=(question_id, box))
 
 
 def regenerate(ctx: Ctx, secret, conv_id, mode, temperature, top_p, max_new_tokens, system, request: gr.Request):
@@ -288,8 +288,13 @@ def regenerate(ctx: Ctx, secret, conv_id, mode, temperature, top_p, max_new_toke
                        clear_box=gr.skip(), title=gr.skip())
 
 
-def _answer(ctx: Ctx, owner, conv_id, session, settings, mode, choices, clear_box, title) -> Iterator[tuple]:
-    """Submit the conversation and stream the answer; yields (conv_id, chat, box, list, status, title)."""
+def _answer(ctx: Ctx, owner, conv_id, session, settings, mode, choices, clear_box, title,
+            undo: tuple[int, dict] | None = None) -> Iterator[tuple]:
+    """Submit the conversation and stream the answer; yields (conv_id, chat, box, list, status, title).
+
+    `undo` is the new question's message id and the input it came from: a question that does not
+    fit the context is taken back (and put back in the input box), so it cannot block the chat.
+    """
     rows = ctx.store.messages(owner, conv_id)
     history = chat_history(ctx, rows)
     system = settings["system"].strip() or mode_for(mode).system_prompt
@@ -307,6 +312,10 @@ def _answer(ctx: Ctx, owner, conv_id, session, settings, mode, choices, clear_bo
             if isinstance(event, Done):
                 status = "stopped" if event.finish_reason == "cancelled" else "complete"
                 ctx.store.update_message(answer_id, text=event.text, status=status, usage=event.usage.as_dict())
+            elif event.code == "context_length_exceeded":
+                ctx.store.delete_message(owner, answer_id)
+                if undo is not None:
+                    ctx.store.delete_message(owner, undo[0])
             else:
                 ctx.store.update_message(answer_id, text=event.text, status="error",
                                          usage={"error": event.message})
@@ -342,6 +351,10 @@ def _answer(ctx: Ctx, owner, conv_id, session, settings, mode, choices, clear_bo
                     note = "The answer reached the length limit (Settings → Max new tokens)."
                 note = f"{event.notice} {note}".strip()
                 yield gr.skip(), history, gr.skip(), gr.skip(), note, gr.skip()
+            elif isinstance(event, Failed) and event.code == "context_length_exceeded":
+                history = history[:-2] if undo is not None else history[:-1]
+                box = undo[1] if undo is not None else gr.skip()
+                yield gr.skip(), history, box, gr.skip(), f"⚠ {event.message}", gr.skip()
             elif isinstance(event, Failed):
                 history[-1] = {"role": "assistant", "content": answer_markdown(event.text, "error", event.message)}
                 yield gr.skip(), history, gr.skip(), gr.skip(), event.message, gr.skip()

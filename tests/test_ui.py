@@ -236,3 +236,18 @@ def test_detail_is_stored_and_used(ctx, tmp_path):
     low_rows, high_rows = ctx.store.messages(owner, low), ctx.store.messages(owner, high)
     assert low_rows[0]["settings"]["detail"] == "low"
     assert low_rows[-1]["usage"]["prompt_tokens"] + 1000 < high_rows[-1]["usage"]["prompt_tokens"]
+
+
+def test_a_question_over_the_context_is_refused_and_given_back(ctx, tmp_path):
+    ctx.engine.max_context = 900
+    conv_id = send(ctx, SECRET, None, "small first", max_new=16)[0][0]
+    path = png(tmp_path, "doc.png", size=(1600, 1200))
+    updates = send(ctx, SECRET, conv_id, "read this document", [path], max_new=16, detail="high")
+    status, box = updates[-1][4], updates[-1][2]
+    assert "over the 900-token limit" in status and "lower image detail" in status
+    assert box["text"] == "read this document" and len(box["files"]) == 1  # nothing the person typed is lost
+    rows = ctx.store.messages(ui.owner_of(SECRET, Req()), conv_id)
+    assert [r["text"] for r in rows if r["role"] == "user"] == ["small first"]  # the chat is not stuck
+    # The same question at low detail fits.
+    send(ctx, SECRET, conv_id, "read this document", [path], max_new=16, detail="low")
+    assert ctx.store.messages(ui.owner_of(SECRET, Req()), conv_id)[-1]["status"] == "complete"

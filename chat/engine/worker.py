@@ -358,8 +358,8 @@ class Engine:
             over = n_prompt + params.max_new_tokens - self.max_context
             raise ContextTooLong(
                 f"This conversation is {n_prompt} tokens and the answer may take {params.max_new_tokens}; together "
-                f"that is {over} over the {self.max_context}-token limit. Start a new chat, remove an image, or "
-                "ask for a shorter answer."
+                f"that is {over} over the {self.max_context}-token limit. Choose a lower image detail, remove an "
+                "image, ask for a shorter answer (Max new tokens) or start a new chat."
             )
         max_new = min(params.max_new_tokens, room)
 
