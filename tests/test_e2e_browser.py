@@ -176,7 +176,11 @@ def test_chat_two_turns_reload_and_reopen(server, page, photo):
     open_settings(page)
     set_setting(page, "max-new-tokens", "400")
 
-    send(page, "What is in this picture?", photo)
+    page.set_input_files("#input input[type=file]", str(photo))
+    # Before sending, the page says what the model will see of the image and what it costs.
+    page.locator("#attachments").get_by_text("model sees").wait_for(timeout=10_000)
+    assert "320×200" in page.locator("#attachments").inner_text()
+    send(page, "What is in this picture?")
     user_msgs = page.locator("#chat .user-row")
     user_msgs.first.wait_for(timeout=20_000)
     # The answer streams: its text is seen growing before it ends.
@@ -202,6 +206,9 @@ def test_chat_two_turns_reload_and_reopen(server, page, photo):
     # The image crossed the wire once and was encoded once for both turns.
     assert metric(server.base, "vlchat_images_encoded_total") - encoded_before == 1
     assert metric(server.base, "vlchat_cached_prompt_tokens_total") > 0
+
+    page.locator("#new-chat").click()  # New chat empties the page
+    page.locator("#chat").get_by_text("Tell me more about the colours.").wait_for(state="detached")
 
     page.reload()
     item = page.locator("#conversation-list label", has_text="What is in this picture?")
