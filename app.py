@@ -32,6 +32,30 @@ class _NotLoaded:
         raise NotReady()
 
 
+class NoSideDoors:
+    """ASGI middleware closing Gradio's direct-call routes.
+
+    The page talks to Gradio through its queue (/gradio_api/queue/...; every page event is
+    queued, none uses queue=False). Gradio's other ways to call an event directly are closed:
+    programs use /v1, with its keys and limits. Pure ASGI (not BaseHTTPMiddleware), so streaming
+    and client-disconnect detection pass through untouched.
+    """
+
+    CLOSED = ("/gradio_api/call/", "/gradio_api/run/", "/gradio_api/api/")
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.CLOSED):
+            body = b'{"error": "Not available; use the page, or the /v1 API."}'
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": 404, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
 def browser_key(data_dir: Path) -> str:
     """The key that encrypts browser identities; kept in the data folder so it survives restarts."""
     path = data_dir / "browser.key"
@@ -57,15 +81,9 @@ def start_engine(settings: Settings, store, ctx, server) -> None:
         ctx.exit_code = 2
         server.should_exit = True
         return
-    api_images = ctx.api.images  # images that came inline in /v1 requests, by content hash
-
-    def fetch_image(image_id: str):
-        data = api_images.get(image_id)
-        return open_clean(data if data is not None else store.image_bytes(image_id))
-
     engine = Engine(
         Runner(loaded.model, loaded.processor),
-        fetch_image,
+        lambda image_id: open_clean(store.image_bytes(image_id)),
         max_waiting=settings.max_waiting,
         max_context=settings.context_tokens,
         prefix_entries=settings.prefix_cache_entries,
@@ -118,15 +136,6 @@ def create_app(settings: Settings):
                        open=is_open, closed_reason=reason)
     app.include_router(router(ctx.api))
 
-    @app.middleware("http")
-    async def no_side_doors(request, call_next):
-        # The page talks to Gradio through its queue (/gradio_api/queue/...; every page event is
-        # queued, none uses queue=False). Gradio's other ways to call an event directly are
-        # closed: programs use /v1, with its keys and limits.
-        if request.url.path.startswith(("/gradio_api/call/", "/gradio_api/run/", "/gradio_api/api/")):
-            return JSONResponse({"error": "Not available; use the page, or the /v1 API."}, status_code=404)
-        return await call_next(request)
-
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
         return exc.response()
@@ -157,6 +166,7 @@ def create_app(settings: Settings):
         data = registry.render() if registry is not None else b""
         return Response(data, media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    app.add_middleware(NoSideDoors)
     hours = settings.gradio_cache_hours * 3600
     demo = page.build(ctx, browser_key(settings.data_dir), delete_cache=(min(hours, 3600), hours))
     demo.queue(api_open=False, max_size=settings.max_waiting * 4, default_concurrency_limit=None)

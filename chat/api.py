@@ -20,8 +20,7 @@ import hmac
 import json
 import time
 import uuid
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -68,20 +67,12 @@ class ApiState:
     keys: tuple[str, ...] = ()
     open: bool = True
     closed_reason: str = ""
-    images: OrderedDict = field(default_factory=OrderedDict)  # sha -> clean bytes, for the worker
-
-    def remember(self, sha: str, data: bytes, keep: int = 64) -> None:
-        """Hold an image's clean bytes where the worker's image loader finds them."""
-        self.images[sha] = data
-        self.images.move_to_end(sha)
-        while len(self.images) > keep:
-            self.images.popitem(last=False)
 
 
 # -- parsing ------------------------------------------------------------------------------------
 
 
-def _image_from_url(state: ApiState, part: dict, where: str) -> str:
+def _image_from_url(state: ApiState, part: dict, where: str, inline: dict) -> str:
     spec = part.get("image_url")
     url = spec.get("url") if isinstance(spec, dict) else spec
     if not isinstance(url, str) or not url:
@@ -106,12 +97,12 @@ def _image_from_url(state: ApiState, part: dict, where: str) -> str:
         clean = sanitize(raw, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
     except ImageError as exc:
         raise bad(str(exc), f"{where}.image_url.url", "invalid_image") from None
-    state.remember(clean.sha256, clean.data)
+    inline[clean.sha256] = clean.data  # travels with the request to the worker
     return clean.sha256
 
 
-def parse_messages(state: ApiState, raw) -> list[dict]:
-    """OpenAI messages -> engine messages (images replaced by their content hash)."""
+def parse_messages(state: ApiState, raw, inline: dict) -> list[dict]:
+    """OpenAI messages -> engine messages (images replaced by their content hash, their bytes put in `inline`)."""
     if not isinstance(raw, list) or not raw:
         raise bad("messages must be a non-empty list.", "messages")
     out, n_images = [], 0
@@ -139,7 +130,7 @@ def parse_messages(state: ApiState, raw) -> list[dict]:
                         raise bad(f"A message may carry {state.settings.max_images_per_message} images.", pwhere)
                     spec = part.get("image_url")
                     detail = spec.get("detail") if isinstance(spec, dict) else None
-                    parts.append({"type": "image", "image_id": _image_from_url(state, part, pwhere),
+                    parts.append({"type": "image", "image_id": _image_from_url(state, part, pwhere, inline),
                                   "detail": detail if detail in ("low", "high") else "auto"})
                 else:
                     raise bad(f"Unsupported content part {kind!r} for role {role}; use text (and image_url in user "
@@ -212,11 +203,13 @@ def parse_request(state: ApiState, body) -> tuple[ChatRequest, dict]:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise bad("stream_options must be an object.", "stream_options")
-    messages = parse_messages(state, body.get("messages"))
+    inline: dict[str, bytes] = {}
+    messages = parse_messages(state, body.get("messages"), inline)
     params = s.clamp_params(temperature, top_p, max_tokens, seed=seed, stop=stop,
                             fit_to_context=max_tokens is None)
-    meta = {"stream": stream, "include_usage": bool(options.get("include_usage")), "model": model}
-    return ChatRequest(messages, params), meta
+    meta = {"stream": stream, "include_usage": bool(options.get("include_usage")), "model": model,
+            "id": "chatcmpl-" + uuid.uuid4().hex, "created": int(time.time())}
+    return ChatRequest(messages, params, images=inline), meta
 
 
 # -- responses ----------------------------------------------------------------------------------
@@ -279,50 +272,69 @@ def router(state: ApiState) -> APIRouter:
         except EngineError as exc:
             raise engine_error(exc) from None
         events = handle.aevents()
+        # Until the SSE stream takes over (it notices a closed connection itself), a client that
+        # goes away while its request waits or generates must not keep the one worker busy.
+        watcher = asyncio.create_task(cancel_on_disconnect(request, handle))
+        handed_over = False
         try:
             first = await anext(events)
-        except asyncio.CancelledError:
-            handle.cancel()
-            raise
-        if isinstance(first, Failed):
-            raise failed_error(first)
-        completion_id = "chatcmpl-" + uuid.uuid4().hex
-        created = int(time.time())
-        if not meta["stream"]:
-            text, done = "", first
-            try:
-                while not isinstance(done, (Done, Failed)):
-                    text += done.text
-                    done = await anext(events)
-            finally:
-                if handle.result is None:
-                    handle.cancel()
-            if isinstance(done, Failed):
-                raise failed_error(done)
-            return {"id": completion_id, "object": "chat.completion", "created": created, "model": meta["model"],
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                                 "finish_reason": "length" if done.finish_reason == "length" else "stop"}],
-                    "usage": _usage(done)}
-        return StreamingResponse(stream(handle, events, first, completion_id, created, meta),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            if isinstance(first, Failed):
+                raise failed_error(first)
+            if meta["stream"]:
+                handed_over = True
+                return StreamingResponse(stream(handle, events, first, meta), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache"})
+            done = first
+            while not isinstance(done, (Done, Failed)):
+                done = await anext(events)
+        finally:
+            watcher.cancel()
+            if handle.result is None and not handed_over:
+                handle.cancel()
+        if isinstance(done, Failed):
+            raise failed_error(done)
+        return {"id": meta["id"], "object": "chat.completion", "created": meta["created"], "model": meta["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
+                             "finish_reason": "length" if done.finish_reason == "length" else "stop"}],
+                "usage": _usage(done)}
+
+    @api.get("/models/{model_id:path}")
+    async def model(request: Request, model_id: str):
+        check_key(request)
+        if model_id not in (state.model_name, "vlchat"):
+            raise ApiError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
+        return {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "vlchat"}
 
     known = {"/v1/models": "GET", "/v1/chat/completions": "POST"}
 
-    @api.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
-                   include_in_schema=False)
-    async def elsewhere(request: Request, rest: str):
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+    @api.api_route("", methods=methods, include_in_schema=False)
+    @api.api_route("/{rest:path}", methods=methods, include_in_schema=False)
+    async def elsewhere(request: Request, rest: str = ""):
         # Without this, anything else under /v1 would fall through to the page's app and its 404.
-        path = request.url.path.rstrip("/")
-        if path in known:
+        path = request.url.path
+        if path in known and request.method != known[path]:
             raise ApiError(405, f"{path} takes {known[path]}, not {request.method}.", code="method_not_allowed")
-        raise ApiError(404, f"Unknown route {request.url.path}; this server has /v1/chat/completions and /v1/models.",
-                       code="not_found")
+        hint = f" (without the trailing slash: {path.rstrip('/')})" if path.rstrip("/") in known else ""
+        raise ApiError(404, f"Unknown route {path}{hint}; this server has POST /v1/chat/completions and GET "
+                       "/v1/models.", code="not_found")
 
     return api
 
 
-async def stream(handle, events, first, completion_id: str, created: int, meta: dict):
+async def cancel_on_disconnect(request: Request, handle) -> None:
+    """Cancel `handle` as soon as the client's connection closes (polled; ends with the request)."""
+    while handle.result is None:
+        if await request.is_disconnected():
+            handle.cancel()
+            return
+        await asyncio.sleep(0.25)
+
+
+async def stream(handle, events, first, meta: dict):
     """SSE chunks; a client that goes away cancels the generation (the finally below)."""
+    completion_id, created = meta["id"], meta["created"]
 
     def chunk(delta: dict, finish: str | None = None, **extra) -> str:
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": meta["model"],
@@ -357,8 +369,8 @@ async def read_json(request: Request, limit: int):
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
         raise bad(f"Content-Type must be application/json, not '{ctype or 'missing'}'.")
-    too_big = ApiError(413, f"The request body is over the {limit // 1_000_000} MB limit; send fewer or smaller "
-                       "images.", code="request_too_large")
+    too_big = ApiError(413, f"The request body is over the limit of {limit:,} bytes; send fewer or smaller images.",
+                       code="request_too_large")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_big

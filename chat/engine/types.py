@@ -70,6 +70,9 @@ class ChatRequest:
     messages: list[dict]
     params: GenParams = field(default_factory=GenParams)
     session: str | None = None  # a hint for prefix reuse (a conversation id); never required
+    # Images that travel with the request (clean bytes or a PIL image, by id), looked up before the
+    # engine's own image loader: an API request's inline images stay with it while it waits.
+    images: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

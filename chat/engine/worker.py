@@ -40,7 +40,7 @@ from chat.engine.types import (
     NotReady,
     Usage,
 )
-from chat.images import lower_detail
+from chat.images import lower_detail, open_clean
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,6 @@ class Engine:
         self._queue: queue.Queue = queue.Queue()
         self._grids: dict[str, tuple[int, int, int]] = {}
         self._thread = threading.Thread(target=self._loop, name="vlchat-worker", daemon=True)
-        self._extra_images: dict[str, Image.Image] = {}
 
     # -- caller side -------------------------------------------------------------------------
 
@@ -252,14 +251,15 @@ class Engine:
 
     def _warmup(self) -> None:
         started = time.monotonic()
-        self._extra_images["warmup"] = Image.new("RGB", (96, 64), (120, 160, 200))
+        warm_image = {"warmup": Image.new("RGB", (96, 64), (120, 160, 200))}
         try:
             # Two turns: a first one with an image, then a follow-up on the cached prefix, so both
             # paths have run (and loaded their kernels) before the first real request.
             messages = [{"role": "user", "content": [{"type": "image", "image_id": "warmup"},
                                                      {"type": "text", "text": "Describe."}]}]
             for _ in range(2):
-                handle = Handle(ChatRequest(messages, GenParams(temperature=0.0, max_new_tokens=4), "warmup"), None)
+                request = ChatRequest(messages, GenParams(temperature=0.0, max_new_tokens=4), "warmup", warm_image)
+                handle = Handle(request, None)
                 self._serve(handle, Metrics())  # a throwaway registry: warm-up is not traffic
                 if isinstance(handle.result, Failed):
                     log.error("warm-up failed: %s", handle.result.message)
@@ -267,7 +267,6 @@ class Engine:
                 messages = messages + [{"role": "assistant", "content": handle.result.text},
                                        {"role": "user", "content": "And then?"}]
         finally:
-            self._extra_images.clear()
             self._grids.clear()
             self.prefix.clear()
             self.features.clear()
@@ -275,24 +274,28 @@ class Engine:
         log.info("warm-up done in %.1f s; ready", self.warmup_seconds)
         self.ready.set()
 
-    def _image(self, image_id: str) -> Image.Image:
-        extra = self._extra_images.get(image_id)
-        return extra if extra is not None else self.fetch_image(image_id)
+    def _image(self, image_id: str, inline: dict) -> Image.Image:
+        data = inline.get(image_id)
+        if data is None:
+            return self.fetch_image(image_id)
+        return data if isinstance(data, Image.Image) else open_clean(data)
 
-    def build_prompt(self, messages: list[dict]) -> tuple[Prompt, dict[str, Image.Image]]:
+    def build_prompt(self, messages: list[dict], inline: dict | None = None) -> tuple[Prompt, dict[str, Image.Image]]:
         """Render messages; images whose grid is unknown are opened once (and returned, by sha, for encoding)."""
         opened: dict[str, Image.Image] = {}
         grids = {}
         for vid in template_messages(messages)[1]:
             if vid not in self._grids:
                 image_id, detail = split_visual(vid)
-                img = opened.get(image_id) or self._image(image_id)
+                img = opened.get(image_id) or self._image(image_id, inline or {})
                 opened[image_id] = img
                 self._grids[vid] = self.runner.grid(img.width, img.height, detail)
             grids[vid] = self._grids[vid]
         return render(self.runner.processor, messages, grids, self.runner.merge), opened
 
-    def _features(self, vids: list[str], opened: dict[str, Image.Image]) -> tuple[dict[str, ImageFeatures], int]:
+    def _features(
+        self, vids: list[str], opened: dict[str, Image.Image], inline: dict
+    ) -> tuple[dict[str, ImageFeatures], int]:
         """Vision features for each visual id: from the cache, else one encoder run per detail level."""
         found = {vid: self.features.get(vid) for vid in dict.fromkeys(vids)}
         missing = [vid for vid, feats in found.items() if feats is None]
@@ -303,7 +306,7 @@ class Engine:
             images = []
             for vid in group:
                 image_id = split_visual(vid)[0]
-                images.append(opened.get(image_id) or self._image(image_id))
+                images.append(opened.get(image_id) or self._image(image_id, inline))
             for vid, feats in zip(group, self.runner.encode(images, detail), strict=True):
                 self.features.put(vid, feats)
                 found[vid] = feats  # held here even if the LRU had no room for them
@@ -351,7 +354,7 @@ class Engine:
         started = time.monotonic()
         runner = self.runner
         params = request.params
-        prompt, opened = self.build_prompt(request.messages)
+        prompt, opened = self.build_prompt(request.messages, request.images)
         n_prompt = len(prompt.ids)
         room = self.max_context - n_prompt
         if room < 1 or (params.max_new_tokens > room and not params.fit_to_context):
@@ -374,7 +377,7 @@ class Engine:
             kv = runner.new_cache()
 
         new_spans = [s for s in prompt.images if s.start >= reuse]
-        feats, encoded = self._features([s.image_id for s in new_spans], opened)
+        feats, encoded = self._features([s.image_id for s in new_spans], opened, request.images)
         metrics.images_encoded.inc(encoded)
         visual = [(span.start - reuse, feats[span.image_id]) for span in new_spans]
 
