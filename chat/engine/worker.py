@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from chat.engine.cache import FeatureCache, ImageFeatures, PrefixCache
+from chat.engine.fastdecode import FastDecoder
 from chat.engine.metrics import Metrics
 from chat.engine.prompt import Prompt, render, split_visual, template_messages
 from chat.engine.runner import Runner, TextStream, sample
@@ -177,6 +178,7 @@ class Engine:
         prefix_entries: int = 8,
         prefix_bytes: int = 4 << 30,
         feature_bytes: int = 1 << 30,
+        fast_decode: bool | None = None,
     ) -> None:
         self.runner = runner
         self.fetch_image = fetch_image
@@ -184,6 +186,10 @@ class Engine:
         self.max_context = min(max_context, runner.max_context)
         self.prefix = PrefixCache(prefix_entries, prefix_bytes)
         self.features = FeatureCache(feature_bytes)
+        # CUDA graphs for decode on a GPU (None: when there is one); the CPU keeps the plain path.
+        if fast_decode is None:
+            fast_decode = runner.device.type == "cuda"
+        self.fast = FastDecoder(runner.model, self.max_context) if fast_decode else None
         self.ready = threading.Event()
         self.warmup_seconds: float | None = None
         # Admission counts live waiting requests (a cancelled one frees its slot at once); the
@@ -251,6 +257,9 @@ class Engine:
 
     def _warmup(self) -> None:
         started = time.monotonic()
+        if self.fast is not None:
+            self.fast.warm_up()
+            log.info("captured %d decode graphs in %.1f s", len(self.fast.graphs), time.monotonic() - started)
         warm_image = {"warmup": Image.new("RGB", (96, 64), (120, 160, 200))}
         try:
             # Two turns: a first one with an image, then a follow-up on the cached prefix, so both
@@ -388,6 +397,11 @@ class Engine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator().manual_seed(params.seed)
+            if self.fast is not None:
+                torch.cuda.manual_seed(params.seed)
+        fast = self.fast
+        if fast is not None:
+            fast.load(kv, n_prompt)
         stream = TextStream(runner.processor.tokenizer)
         stops = [s for s in params.stop if s]
         hold = max((len(s) for s in stops), default=1) - 1
@@ -396,8 +410,8 @@ class Engine:
         finish = "length"
         position, seq = prompt.next_position, n_prompt
         first_at = last_at = None
+        token = sample(logits, params.temperature, params.top_p, generator)
         while True:
-            token = sample(logits, params.temperature, params.top_p, generator)
             generated.append(token)
             now = time.monotonic()
             if first_at is None:
@@ -424,10 +438,15 @@ class Engine:
                 break
             if len(generated) >= max_new:
                 break
-            pos = torch.full((3, 1), position, dtype=torch.long)
-            logits = runner.forward([token], pos, seq, kv)
+            if fast is not None:
+                token = int(fast.step(token, position, seq, params.temperature, params.top_p).item())
+            else:
+                logits = runner.forward([token], torch.full((3, 1), position, dtype=torch.long), seq, kv)
+                token = sample(logits, params.temperature, params.top_p, generator)
             position += 1
             seq += 1
+        if fast is not None:  # the prefix cache keeps one format: copy the new tokens' KV back
+            fast.store(kv, n_prompt, n_prompt + len(generated) - 1)
         if len(stream.text) > emitted:
             handle._emit(Delta(stream.text[emitted:]))
         metrics.generated_tokens.inc(len(generated))
