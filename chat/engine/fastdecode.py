@@ -124,7 +124,7 @@ class FastDecoder:
         sorted_probs = sorted_probs * keep
         # argmax(p / E) with E ~ Exp(1) draws index i with probability p_i / sum(p).
         noise = torch.empty_like(sorted_probs).exponential_()
-        drawn = order[(sorted_probs / noise).argmax()]
+        drawn = order.gather(0, (sorted_probs / noise).argmax().view(1))[0]  # no host sync: capturable
         return torch.where(self.temperature > 0, drawn, greedy)
 
     def _bucket(self, slot: int) -> int:

@@ -247,7 +247,10 @@ class Engine:
             if item is _STOP:
                 return
             if isinstance(item, tuple):
-                self._warmup()
+                try:
+                    self._warmup()
+                finally:
+                    self.ready.set()  # never leave callers waiting on a warm-up that broke
                 continue
             self.metrics.running.set(1)
             try:
@@ -258,8 +261,15 @@ class Engine:
     def _warmup(self) -> None:
         started = time.monotonic()
         if self.fast is not None:
-            self.fast.warm_up()
-            log.info("captured %d decode graphs in %.1f s", len(self.fast.graphs), time.monotonic() - started)
+            try:
+                self.fast.warm_up()
+                log.info("captured %d decode graphs in %.1f s", len(self.fast.graphs), time.monotonic() - started)
+            except Exception:  # a GPU or driver that cannot capture: serve on the plain path, slower but right
+                log.exception("decode graph capture failed; using the plain decode path")
+                self.fast = None
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
         warm_image = {"warmup": Image.new("RGB", (96, 64), (120, 160, 200))}
         try:
             # Two turns: a first one with an image, then a follow-up on the cached prefix, so both
