@@ -25,11 +25,13 @@ and API can price an image (context budget, usage) without torch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import math
 import struct
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps
@@ -72,10 +74,9 @@ class CleanImage:
     original_format: str
 
 
-def sanitize(
-    data: bytes, *, max_bytes: int = 20_000_000, max_pixels: int = 40_000_000
-) -> CleanImage:
-    """Check, decode and re-encode untrusted image bytes, or raise ImageError."""
+@contextlib.contextmanager
+def _checked_open(data: bytes, max_bytes: int, max_pixels: int) -> Iterator[Image.Image]:
+    """Open untrusted bytes after the cheap checks; every failure inside becomes an ImageError."""
     if not data:
         raise ImageError("The image file is empty.")
     if len(data) > max_bytes:
@@ -88,14 +89,8 @@ def sanitize(
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as img:
-                original_format = img.format or "unknown"
-                width, height = img.size
-                _check_geometry(width, height, max_pixels)
-                # Right after open the file sits on frame 0, so load() decodes the
-                # first frame of an animation and nothing else.
-                img.load()
-                frame = _upright(img)
-        rgb = _to_rgb(frame)
+                _check_geometry(img.width, img.height, max_pixels)
+                yield img
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -112,6 +107,18 @@ def sanitize(
         # them mean the same thing to the person who sent the file.
         raise ImageError(DAMAGED) from err
 
+
+def sanitize(
+    data: bytes, *, max_bytes: int = 20_000_000, max_pixels: int = 40_000_000
+) -> CleanImage:
+    """Check, decode and re-encode untrusted image bytes, or raise ImageError."""
+    with _checked_open(data, max_bytes, max_pixels) as img:
+        original_format = img.format or "unknown"
+        width, height = img.size
+        # Right after open the file sits on frame 0, so load() decodes the
+        # first frame of an animation and nothing else.
+        img.load()
+        rgb = _to_rgb(_upright(img))
     return _encode(rgb, original_format, width, height)
 
 
@@ -323,15 +330,15 @@ def plan(width: int, height: int, detail: str = DEFAULT_DETAIL) -> Plan:
     return Plan(width, height, w, h, (h // 32) * (w // 32) + 2)
 
 
-def upright_size(data: bytes) -> tuple[int, int]:
-    """Width and height as the image will be stored (EXIF rotation applied), from the header only."""
-    try:
-        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as img:
-            w, h = img.size
-            try:
-                orientation = img.getexif().get(0x0112, 1)
-            except _EXIF_ERRORS:
-                orientation = 1
-    except Exception as err:
-        raise ImageError(UNSUPPORTED) from err
+def upright_size(data: bytes, *, max_bytes: int = 20_000_000, max_pixels: int = 40_000_000) -> tuple[int, int]:
+    """Width and height as the image will be stored (EXIF rotation applied), from the header only.
+
+    The same checks as `sanitize` before decoding, so a preview refuses what sending would refuse.
+    """
+    with _checked_open(data, max_bytes, max_pixels) as img:
+        w, h = img.size
+        try:
+            orientation = img.getexif().get(0x0112, 1)
+        except _EXIF_ERRORS:
+            orientation = 1
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)

@@ -189,9 +189,9 @@ def page_closed(ctx: Ctx, request: gr.Request) -> None:
 
 
 @functools.lru_cache(maxsize=256)
-def _upright_size(path: str) -> tuple[int, int]:
+def _upright_size(path: str, max_bytes: int, max_pixels: int) -> tuple[int, int]:
     # Upload paths are unique per upload, so the header is read once, not on every keystroke.
-    return upright_size(Path(path).read_bytes())
+    return upright_size(Path(path).read_bytes(), max_bytes=max_bytes, max_pixels=max_pixels)
 
 
 def preview(ctx: Ctx, secret, conv_id, box, detail, max_new_tokens, request: gr.Request) -> str:
@@ -204,7 +204,8 @@ def preview(ctx: Ctx, secret, conv_id, box, detail, max_new_tokens, request: gr.
         path = Path(f if isinstance(f, str) else f.get("path", ""))
         name = f.get("orig_name") if isinstance(f, dict) and f.get("orig_name") else path.name
         try:
-            plans.append(plan(*_upright_size(str(path)), detail or DEFAULT_DETAIL))
+            size = _upright_size(str(path), ctx.settings.max_image_bytes, ctx.settings.max_image_pixels)
+            plans.append(plan(*size, detail or DEFAULT_DETAIL))
         except (ImageError, OSError) as exc:
             return f"**{name}**: {exc if isinstance(exc, ImageError) else 'could not be read.'}"
         names.append(name)

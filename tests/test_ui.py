@@ -251,3 +251,13 @@ def test_a_question_over_the_context_is_refused_and_given_back(ctx, tmp_path):
     # The same question at low detail fits.
     send(ctx, SECRET, conv_id, "read this document", [path], max_new=16, detail="low")
     assert ctx.store.messages(ui.owner_of(SECRET, Req()), conv_id)[-1]["status"] == "complete"
+
+
+def test_preview_refuses_what_sending_would_refuse(ctx, tmp_path):
+    ctx.settings = Settings(data_dir=ctx.settings.data_dir, max_image_pixels=1_000_000)
+    path = png(tmp_path, "big.png", size=(1200, 1000))
+    text = ui.preview(ctx, SECRET, None, {"text": "", "files": [path]}, "auto", 512, Req())
+    assert "too many pixels" in text or "the limit is 1 megapixels" in text, text
+    assert "model sees" not in text
+    with pytest.raises(gr.Error, match="big.png: .*1 megapixels"):
+        send(ctx, SECRET, None, "look", [path])
