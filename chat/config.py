@@ -44,7 +44,9 @@ class Settings:
     max_images_per_message: int = _opt(8, "Images one message may carry.")
     max_images_per_conversation: int = _opt(32, "Images one conversation may hold.")
     prefix_cache_entries: int = _opt(8, "Conversations whose KV state is kept for reuse across turns.")
-    prefix_cache_mb: int = _opt(8192, "Memory budget for kept KV state, in MiB.")
+    prefix_cache_mb: int = _opt(
+        0, "Memory budget for kept KV state, in MiB; 0 sizes it at start-up from free GPU memory (2 GiB on CPU)."
+    )
     feature_cache_mb: int = _opt(1024, "Memory budget for kept vision features, in MiB.")
     gradio_cache_hours: int = _opt(24, "Gradio's temporary upload files older than this are deleted.")
     log_level: str = _opt("INFO", "Logging level.")

@@ -262,3 +262,34 @@ def test_out_of_memory_retries_once_at_lower_detail(engine):
     finally:
         engine.runner.encode = original
     assert isinstance(run(engine, [user("fine now?", "red")])[-1], Done)
+
+
+def test_evicted_conversation_is_rebuilt_without_encoding_the_image_again(engine, loaded):
+    messages = [user("Describe the image.", "red")]
+    done = run(engine, messages)[-1]
+    messages = messages + [{"role": "assistant", "content": done.text}, user("More?")]
+    engine.prefix.clear()  # the KV state is gone (evicted); the image's features are still kept
+    before = engine.metrics.images_encoded._value.get()
+    again = run(engine, messages)[-1]
+    assert again.usage.cached_tokens == 0 and again.usage.images_encoded == 0
+    assert engine.metrics.images_encoded._value.get() == before
+    prompt, _ = engine.build_prompt(messages)
+    kv, reuse = engine.prefix.take(prompt.keys, None, len(prompt.ids) - 1, engine.runner.new_cache)
+    assert reuse > len(prompt.ids) // 2  # the rebuilt state is cached again
+    logits = engine.runner.forward(prompt.ids[reuse:], prompt.positions[:, reuse:], reuse, kv)
+    _, ref = reference_logits(loaded, messages)
+    assert (logits[0] - ref).abs().max().item() < 1e-4
+
+
+def test_prefix_cache_lru_respects_entries_and_bytes(engine):
+    from chat.engine.worker import auto_prefix_budget
+
+    engine.prefix.max_entries = 2
+    for word in ("one", "two", "three"):
+        run(engine, [user(f"conversation {word}")], max_new_tokens=4)
+    assert len(engine.prefix) == 2  # the oldest went
+    one = max(e.nbytes for e in engine.prefix._entries.values())
+    engine.prefix.max_bytes = int(one * 1.5)  # room for one conversation's state, not two
+    run(engine, [user("conversation four")], max_new_tokens=4)
+    assert len(engine.prefix) == 1 and engine.prefix.nbytes <= engine.prefix.max_bytes
+    assert auto_prefix_budget(40 << 30) == (37 << 30) // 2 and auto_prefix_budget(1 << 30) == 256 << 20

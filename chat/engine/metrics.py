@@ -35,6 +35,11 @@ class Metrics:
             registry=r,
         )
 
+        self.decode_rate = Histogram(
+            "vlchat_decode_tokens_per_second", "Decode speed of each finished request (tokens after the first).",
+            buckets=(5, 10, 20, 40, 60, 80, 100, 120, 150, 200, 300), registry=r,
+        )
+
     def render(self) -> bytes:
         """Prometheus text exposition."""
         return generate_latest(self.registry)

@@ -147,6 +147,12 @@ class Handle:
         self._done.set()
 
 
+def auto_prefix_budget(free_bytes: int, reserve: int = 3 << 30) -> int:
+    """KV budget from free GPU memory after warm-up: half of what is left once a working reserve
+    (prefill activations, the vision tower on a large image) is set aside; at least 256 MiB."""
+    return max(256 << 20, (free_bytes - reserve) // 2)
+
+
 def lower_detail_request(request: ChatRequest) -> ChatRequest | None:
     """The same request with every image one detail level lower; None if none can go lower."""
     changed = False
@@ -176,7 +182,7 @@ class Engine:
         max_waiting: int = 16,
         max_context: int = 32768,
         prefix_entries: int = 8,
-        prefix_bytes: int = 4 << 30,
+        prefix_bytes: int = 0,
         feature_bytes: int = 1 << 30,
         fast_decode: bool | None = None,
     ) -> None:
@@ -184,7 +190,7 @@ class Engine:
         self.fetch_image = fetch_image
         self.metrics = Metrics()
         self.max_context = min(max_context, runner.max_context)
-        self.prefix = PrefixCache(prefix_entries, prefix_bytes)
+        self.prefix = PrefixCache(prefix_entries, prefix_bytes or (2 << 30))  # 0: sized after warm-up
         self.features = FeatureCache(feature_bytes)
         # CUDA graphs for decode on a GPU (None: when there is one); the CPU keeps the plain path.
         if fast_decode is None:
@@ -198,6 +204,7 @@ class Engine:
         self._waiting = 0
         self._admit = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
+        self._auto_prefix_budget = prefix_bytes <= 0
         self._grids: dict[str, tuple[int, int, int]] = {}
         self._thread = threading.Thread(target=self._loop, name="vlchat-worker", daemon=True)
 
@@ -289,6 +296,10 @@ class Engine:
             self._grids.clear()
             self.prefix.clear()
             self.features.clear()
+        if self._auto_prefix_budget and torch.cuda.is_available() and self.runner.device.type == "cuda":
+            self.prefix.max_bytes = auto_prefix_budget(torch.cuda.mem_get_info(self.runner.device)[0])
+        log.info("prefix cache budget %.1f GiB, feature cache %.1f GiB", self.prefix.max_bytes / 2**30,
+                 self.features.max_bytes / 2**30)
         self.warmup_seconds = time.monotonic() - started
         log.info("warm-up done in %.1f s; ready", self.warmup_seconds)
         self.ready.set()
@@ -460,6 +471,8 @@ class Engine:
         if len(stream.text) > emitted:
             handle._emit(Delta(stream.text[emitted:]))
         metrics.generated_tokens.inc(len(generated))
+        if len(generated) > 1 and last_at > first_at:
+            metrics.decode_rate.observe((len(generated) - 1) / (last_at - first_at))
 
         # The last sampled token was never fed, so the cache holds prompt + generated[:-1].
         keys = prompt.keys + generated[:-1]
