@@ -164,32 +164,30 @@ def generate_baseline(model, processor, image_bytes: dict, msgs, n: int) -> tupl
     return sync_time() - t0, out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
-def engine_greedy(runner: Runner, engine: Engine, msgs, n: int) -> list[int]:
-    """Greedy ids through the engine's own prefill/decode path (no worker)."""
+def _prefill(runner: Runner, engine: Engine, msgs):
+    """Regular prefill of `msgs` from scratch: (prompt, kv, last logits)."""
     prompt, opened = engine.build_prompt(msgs)
     shas = [split_visual(s.image_id)[0] for s in prompt.images]
     feats = runner.encode([opened.get(i) or engine.fetch_image(i) for i in shas], "auto")
     kv = runner.new_cache()
-    logits = runner.forward(prompt.ids, prompt.positions, 0, kv, [(s.start, f) for s, f in zip(prompt.images, feats,
-                                                                                             strict=True)])
-    out, pos, seq = [], prompt.next_position, len(prompt.ids)
-    for _ in range(n):
-        tok = int(logits.argmax(-1))
+    spans = [(s.start, f) for s, f in zip(prompt.images, feats, strict=True)]
+    return prompt, kv, runner.forward(prompt.ids, prompt.positions, 0, kv, spans)
+
+
+def engine_greedy(runner: Runner, engine: Engine, msgs, n: int) -> list[int]:
+    """Greedy ids through the engine's eager decode path (no worker)."""
+    prompt, kv, logits = _prefill(runner, engine, msgs)
+    out, tok = [], int(logits.argmax(-1))
+    for i in range(n):
         out.append(tok)
-        logits = runner.forward([tok], torch.full((3, 1), pos), seq, kv)
-        pos += 1
-        seq += 1
+        logits = runner.forward([tok], torch.full((3, 1), prompt.next_position + i), len(prompt.ids) + i, kv)
+        tok = int(logits.argmax(-1))
     return out
 
 
 def fast_greedy(runner: Runner, engine: Engine, msgs, n: int) -> list[int]:
     """Greedy ids through the engine's fast path: regular prefill, then the captured decode step."""
-    prompt, opened = engine.build_prompt(msgs)
-    shas = [split_visual(s.image_id)[0] for s in prompt.images]
-    feats = runner.encode([opened.get(i) or engine.fetch_image(i) for i in shas], "auto")
-    kv = runner.new_cache()
-    logits = runner.forward(prompt.ids, prompt.positions, 0, kv, [(s.start, f) for s, f in zip(prompt.images, feats,
-                                                                                             strict=True)])
+    prompt, kv, logits = _prefill(runner, engine, msgs)
     engine.fast.load(kv, len(prompt.ids))
     out, tok = [], int(logits.argmax(-1))
     for i in range(n):

@@ -15,12 +15,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import re
-import shutil
 import socket
-import subprocess
-import sys
 import threading
 import time
 import zipfile
@@ -32,8 +27,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from chat.images import UNSUPPORTED
+from tests.servers import Server, data_dir, metric
 
-ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("k1", "k2")
 BODY_LIMIT = 3_000_000
 CONTEXT = 4096
@@ -44,66 +39,18 @@ UNSET = object()
 # -- servers ------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`python app.py --model tiny-random` in a subprocess; always reached through 127.0.0.1."""
-
-    def __init__(self, data_dir: Path, *args: str, host: str = "127.0.0.1", env: dict | None = None) -> None:
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.args = ["--model", "tiny-random", "--host", host, "--port", str(self.port), "--data-dir", str(data_dir),
-                     *args]
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("VLCHAT_")}
-        self.env.update(HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", **(env or {}))
-        self.log = data_dir / "server.log"
-        self.proc: subprocess.Popen | None = None
-
-    def launch(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), *self.args], cwd=ROOT, env=self.env,
-                                     stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
-
-    def wait_healthy(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            try:
-                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError("server did not become healthy:\n" + self.log.read_text()[-3000:])
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory, model_dir):
     """The three servers, launched side by side (their start-up is mostly imports)."""
 
-    def data_dir(name: str) -> Path:
-        data = tmp_path_factory.mktemp(name)
-        shutil.copytree(model_dir / "models", data / "models")  # skip rebuilding the tiny checkpoint
-        return data
+    def data(name: str) -> Path:
+        return data_dir(tmp_path_factory, model_dir, name)
 
     group = {
-        "open": Server(data_dir("api-open"), "--max-waiting", "1", "--max-body-bytes", str(BODY_LIMIT),
+        "open": Server(data("api-open"), "--max-waiting", "1", "--max-body-bytes", str(BODY_LIMIT),
                        "--context-tokens", str(CONTEXT)),
-        "keyed": Server(data_dir("api-keyed"), env={"VLCHAT_API_KEY": ",".join(KEYS)}),
-        "closed": Server(data_dir("api-closed"), host="0.0.0.0"),
+        "keyed": Server(data("api-keyed"), env={"VLCHAT_API_KEY": ",".join(KEYS)}),
+        "closed": Server(data("api-closed"), host="0.0.0.0"),
     }
     try:
         for srv in group.values():
@@ -136,13 +83,6 @@ def closed_server(servers) -> Server:
 
 def client(base: str, key: str = "unused", **options) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=60, **options)
-
-
-def metric(base: str, name: str) -> float:
-    """One sample of /metrics, e.g. 'vlchat_requests_total{outcome="cancelled"}'; 0 when absent."""
-    body = httpx.get(base + "/metrics", timeout=5).text
-    match = re.search(rf"^{re.escape(name)} (\S+)$", body, re.M)
-    return float(match.group(1)) if match else 0.0
 
 
 ENCODED = "vlchat_images_encoded_total"

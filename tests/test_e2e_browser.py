@@ -4,88 +4,25 @@ from __future__ import annotations
 
 import base64
 import os
-import re
-import shutil
-import socket
 import sqlite3
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from playwright import sync_api as playwright
 
-playwright = pytest.importorskip("playwright.sync_api")
+from tests.servers import ROOT, Server, data_dir, metric
 
-ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("VLCHAT_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
-def metric(base: str, name: str) -> float:
-    _, body = get(base + "/metrics")
-    match = re.search(rf"^{name} ([0-9.e+]+)$", body, re.M)
-    return float(match.group(1)) if match else 0.0
-
-
-class Server:
-    """The app in a subprocess on loopback; restartable on the same data folder."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-        self.log = data_dir / "server.log"
-
-    def start(self) -> None:
-        cmd = [sys.executable, str(ROOT / "app.py"), "--model", "tiny-random", "--host", "127.0.0.1",
-               "--port", str(self.port), "--data-dir", str(self.data_dir)]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            try:
-                if get(self.base + "/health")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError("server did not become healthy:\n" + self.log.read_text()[-3000:])
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_dir):
-    data = tmp_path_factory.mktemp("e2e-data")
-    shutil.copytree(model_dir / "models", data / "models")  # skip rebuilding the tiny checkpoint
-    srv = Server(data)
-    srv.start()
+    srv = Server(data_dir(tmp_path_factory, model_dir, "e2e-data")).start()
     yield srv
     srv.stop()
 

@@ -20,13 +20,8 @@ import base64
 import functools
 import hashlib
 import io
-import os
 import random
-import shutil
-import socket
 import struct
-import subprocess
-import sys
 import time
 import zipfile
 import zlib
@@ -44,8 +39,7 @@ from chat import ui
 from chat.config import Settings
 from chat.images import plan
 from chat.store import Store
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.servers import Server, data_dir
 
 # The limits both doors share: small enough to keep the payloads small.
 LIMITS = {
@@ -603,53 +597,13 @@ def test_page(row: Row, page_ctx: ui.Ctx, tmp_path: Path):
 # -- door 2: the API on a real server -----------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    base: str
-    proc: subprocess.Popen
-    log: Path
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_dir):
     """One `app.py --model tiny-random` on loopback, with LIMITS as its flags."""
-    data = tmp_path_factory.mktemp("api-data")
-    shutil.copytree(model_dir / "models", data / "models")  # skip rebuilding the tiny checkpoint
-    port = free_port()
     flags = [arg for name, value in LIMITS.items() for arg in ("--" + name.replace("_", "-"), str(value))]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLCHAT_")}
-    env.update(HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
-    log = data / "server.log"
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "app.py"), "--model", "tiny-random", "--host", "127.0.0.1", "--port", str(port),
-         "--data-dir", str(data), *flags], cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
-    srv = Server(f"http://127.0.0.1:{port}", proc, log)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(srv.base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not become healthy:\n" + log.read_text()[-3000:]
-            time.sleep(0.3)
-        yield srv
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+    srv = Server(data_dir(tmp_path_factory, model_dir, "api-data"), *flags).start()
+    yield srv
+    srv.stop()
 
 
 def client(srv: Server) -> openai.OpenAI:
