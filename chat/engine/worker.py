@@ -290,8 +290,10 @@ class Engine:
                 if isinstance(handle.result, Failed):
                     log.error("warm-up failed: %s", handle.result.message)
                     break
+                # A follow-up of ordinary length: the suffix-prefill shapes a real turn 2 uses.
+                follow_up = "What else can you see in it, and where exactly is each thing in the picture? " * 3
                 messages = messages + [{"role": "assistant", "content": handle.result.text},
-                                       {"role": "user", "content": "And then?"}]
+                                       {"role": "user", "content": follow_up}]
         finally:
             self._grids.clear()
             self.prefix.clear()
