@@ -80,7 +80,7 @@ def test_fast_and_plain_paths_agree_over_turns(engines):
 
 def test_fast_sampling_respects_temperature_and_top_p(loaded):
     dec = FastDecoder(loaded.model, max_len=512, use_graphs=False)
-    logits = torch.tensor([0.0, 5.0, 4.9, -3.0])
+    logits = torch.tensor([0.0, 5.0, 4.9, -3.0], device=dec.device)
     dec.temperature.fill_(0.0)
     assert int(dec._sample(logits)) == 1  # greedy
     dec.temperature.fill_(1.0)
