@@ -293,3 +293,19 @@ def test_prefix_cache_lru_respects_entries_and_bytes(engine):
     run(engine, [user("conversation four")], max_new_tokens=4)
     assert len(engine.prefix) == 1 and engine.prefix.nbytes <= engine.prefix.max_bytes
     assert auto_prefix_budget(40 << 30) == (37 << 30) // 2 and auto_prefix_budget(1 << 30) == 256 << 20
+
+
+def test_new_image_in_turn_three_equals_full_prefill(engine, loaded):
+    messages = [user("First look at this.", "red")]
+    for follow_up in (user("Anything else?"), user("Now this one too.", "fractal")):
+        done = run(engine, messages)[-1]
+        messages = messages + [{"role": "assistant", "content": done.text}, follow_up]
+    prompt, _ = engine.build_prompt(messages)
+    kv, reuse = engine.prefix.take(prompt.keys, None, len(prompt.ids) - 1, engine.runner.new_cache)
+    red, fractal = prompt.images
+    assert red.start + red.length <= reuse <= fractal.start  # turns 1-2 reused, the new image still to run
+    feats = engine.runner.encode([FRACTAL], "auto")[0]
+    logits = engine.runner.forward(prompt.ids[reuse:], prompt.positions[:, reuse:], reuse, kv,
+                                   [(fractal.start - reuse, feats)])
+    _, ref = reference_logits(loaded, messages)
+    assert (logits[0] - ref).abs().max().item() < 1e-4
