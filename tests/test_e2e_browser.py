@@ -133,13 +133,14 @@ def test_chat_two_turns_reload_and_reopen(server, page, photo):
     first_answer = assistant_texts(page)[-1]
     assert len(first_answer) > 20
     assert page.locator("#chat img").count() >= 1  # the image is shown inline
+    ARTIFACTS.mkdir(exist_ok=True)  # a picture of the page for people to look at (and the README)
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(ARTIFACTS / "chat.png"))
 
     send(page, "Tell me more about the colours.")
     page.wait_for_function("document.querySelectorAll('#chat .bot-row').length >= 2",
                            timeout=30_000)
     wait_idle(page)
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "chat.png"))
     # The image crossed the wire once and was encoded once for both turns.
     assert metric(server.base, "vlchat_images_encoded_total") - encoded_before == 1
     assert metric(server.base, "vlchat_cached_prompt_tokens_total") > 0
