@@ -184,6 +184,9 @@ def create_app(settings: Settings):
 def main(argv: list[str] | None = None) -> int:
     """Run the server until interrupted."""
     settings = load_settings(argv)
+    if settings.auth and ":" not in settings.auth:
+        print("vlchat could not start: --auth (VLCHAT_AUTH) must look like user:password.", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     import uvicorn

@@ -74,3 +74,8 @@ def test_health_is_503_until_the_model_is_ready_then_200(tmp_path):
         assert client.get("/vlchat.db").status_code == 404
         ctx.engine.shutdown()
     store.close()
+
+
+def test_malformed_auth_is_refused_with_a_clear_message(tmp_path):
+    result = run_app("--auth", "justaname", "--data-dir", str(tmp_path), "--model", "tiny-random", timeout=60)
+    assert result.returncode == 2 and "user:password" in result.stderr and "Traceback" not in result.stderr
