@@ -75,21 +75,26 @@ def start_engine(settings: Settings, store, ctx, server) -> None:
 
     try:
         loaded = load(settings.model, settings.data_dir, settings.device)
-    except ModelLoadError as exc:
-        log.error("%s", exc)
-        print(f"\nvlchat could not start: {exc}\n", file=sys.stderr, flush=True)
+        engine = Engine(
+            Runner(loaded.model, loaded.processor),
+            lambda image_id: open_clean(store.image_bytes(image_id)),
+            max_waiting=settings.max_waiting,
+            max_context=settings.context_tokens,
+            prefix_entries=settings.prefix_cache_entries,
+            prefix_bytes=settings.prefix_cache_mb << 20,
+            feature_bytes=settings.feature_cache_mb << 20,
+        )
+    except Exception as exc:  # whatever it is, the server must not sit at "loading" forever
+        first = (str(exc).strip().splitlines() or [""])[0]
+        message = str(exc) if isinstance(exc, ModelLoadError) else (
+            f"Starting the model failed ({exc.__class__.__name__}: {first}). Check --device and the GPU "
+            "(nvidia-smi), or lower --context-tokens if the GPU is short of memory."
+        )
+        log.error("%s", message, exc_info=not isinstance(exc, ModelLoadError))
+        print(f"\nvlchat could not start: {message}\n", file=sys.stderr, flush=True)
         ctx.exit_code = 2
         server.should_exit = True
         return
-    engine = Engine(
-        Runner(loaded.model, loaded.processor),
-        lambda image_id: open_clean(store.image_bytes(image_id)),
-        max_waiting=settings.max_waiting,
-        max_context=settings.context_tokens,
-        prefix_entries=settings.prefix_cache_entries,
-        prefix_bytes=settings.prefix_cache_mb << 20,
-        feature_bytes=settings.feature_cache_mb << 20,
-    )
     ctx.model_name = ctx.api.model_name = loaded.name
     engine.start(warmup=True)
     ctx.engine = ctx.api.engine = engine

@@ -266,7 +266,8 @@ def router(state: ApiState) -> APIRouter:
     async def chat_completions(request: Request):
         check_key(request)
         body = await read_json(request, state.settings.max_body_bytes)
-        chat_request, meta = parse_request(state, body)
+        # Decoding and sanitizing images is CPU work of seconds for big ones: off the event loop.
+        chat_request, meta = await asyncio.to_thread(parse_request, state, body)
         try:
             handle = state.engine.submit(chat_request)
         except EngineError as exc:

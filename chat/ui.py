@@ -154,6 +154,7 @@ def rename(ctx: Ctx, secret: str | None, conv_id: str | None, title: str, reques
 def delete(ctx: Ctx, secret: str | None, conv_id: str | None, request: gr.Request):
     """Delete the open conversation and clear the page."""
     owner = owner_of(secret, request)
+    stop(ctx, request)  # an answer still streaming into it ends first
     if conv_id:
         try:
             ctx.store.delete_conversation(owner, conv_id)
@@ -281,6 +282,12 @@ def regenerate(ctx: Ctx, secret, conv_id, mode, temperature, top_p, max_new_toke
         raise gr.Error("That conversation no longer exists.") from None
     if not rows or not any(r["role"] == "user" for r in rows):
         raise gr.Error("Nothing to regenerate yet.")
+    with ctx.lock:
+        live = ctx.active.get(request.session_hash)
+    if live is not None:  # the answer still streaming is the one being replaced: end it first
+        live.cancel()
+        live.wait(10)
+        rows = ctx.store.messages(owner, conv_id)
     while rows and rows[-1]["role"] == "assistant":
         ctx.store.delete_message(owner, rows.pop()["id"])
     settings = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,

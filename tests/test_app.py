@@ -79,3 +79,15 @@ def test_health_is_503_until_the_model_is_ready_then_200(tmp_path):
 def test_malformed_auth_is_refused_with_a_clear_message(tmp_path):
     result = run_app("--auth", "justaname", "--data-dir", str(tmp_path), "--model", "tiny-random", timeout=60)
     assert result.returncode == 2 and "user:password" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_start_failure_of_any_kind_ends_the_process_with_advice(tmp_path):
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without the device that is asked for")
+    result = run_app("--device", "cuda", "--model", "tiny-random", "--data-dir", str(tmp_path), "--host", "127.0.0.1",
+                     "--port", "0", timeout=120)
+    assert result.returncode == 2
+    assert "Starting the model failed" in result.stderr and "--device" in result.stderr

@@ -261,3 +261,15 @@ def test_preview_refuses_what_sending_would_refuse(ctx, tmp_path):
     assert "model sees" not in text
     with pytest.raises(gr.Error, match="big.png: .*1 megapixels"):
         send(ctx, SECRET, None, "look", [path])
+
+
+def test_regenerate_while_streaming_replaces_the_live_answer(ctx):
+    req = Req(session="tab-3")
+    gen = ui.send(ctx, SECRET, None, {"text": "go on", "files": []}, "general", 0.0, 0.9, 4000, "", "auto", req)
+    conv_id = next(gen)[0]
+    next(gen)
+    drain(ui.regenerate(ctx, SECRET, conv_id, "general", 0.0, 0.9, 16, "", req))
+    list(gen)  # the first stream ends (stopped)
+    rows = ctx.store.messages(ui.owner_of(SECRET, req), conv_id)
+    assert [r["role"] for r in rows] == ["user", "assistant"]
+    assert rows[-1]["status"] == "complete" and rows[-1]["usage"]["completion_tokens"] == 16

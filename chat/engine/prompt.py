@@ -61,13 +61,21 @@ def image_key(image_id: str) -> int:
     return -1 - int(hashlib.sha256(image_id.encode()).hexdigest()[:15], 16)
 
 
+def defuse(text: str) -> str:
+    """Text as plain text: a typed '<|im_start|>' or '<|image_pad|>' must not become a control token.
+
+    A zero-width non-joiner after '<' keeps it visible as typed while no special token matches it.
+    """
+    return text.replace("<|", "<\u200c|")
+
+
 def template_messages(messages: list[dict]) -> tuple[list[dict], list[str]]:
     """Messages for `apply_chat_template` (image parts without payload) and the visual ids in order."""
     out, image_ids = [], []
     for msg in messages:
         content = msg["content"]
         if isinstance(content, str):
-            out.append({"role": msg["role"], "content": content})
+            out.append({"role": msg["role"], "content": defuse(content)})
             continue
         parts = []
         for part in content:
@@ -75,7 +83,7 @@ def template_messages(messages: list[dict]) -> tuple[list[dict], list[str]]:
                 parts.append({"type": "image"})
                 image_ids.append(visual_id(part["image_id"], part.get("detail") or "auto"))
             else:
-                parts.append({"type": "text", "text": part["text"]})
+                parts.append({"type": "text", "text": defuse(part["text"])})
         out.append({"role": msg["role"], "content": parts})
     return out, image_ids
 

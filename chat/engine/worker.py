@@ -46,6 +46,8 @@ from chat.images import lower_detail, open_clean
 log = logging.getLogger(__name__)
 
 _STOP = object()
+GENERIC_FAILURE = "The model failed while answering; the error is in the server log."
+MAX_KNOWN_GRIDS = 4096
 
 
 class Handle:
@@ -66,6 +68,7 @@ class Handle:
         self._state = "queued"  # -> running -> finished, or queued -> finished on cancel
         self._waker: Callable[[], None] | None = None
         self._emitted = False
+        self._text = ""  # what was streamed, kept for a Failed that ends it
 
     def cancel(self) -> None:
         """Stop this request: at once if it is still queued, else within a decode step."""
@@ -124,6 +127,7 @@ class Handle:
 
     def _emit(self, event: Event) -> None:
         self._emitted = True
+        self._text += event.text
         self._events.put(event)
         self._wake()
 
@@ -137,13 +141,15 @@ class Handle:
 
     def _finish(self, event: Done | Failed) -> None:
         self.result = event
-        self._events.put(event)
-        self._wake()
+        # The callback (which records the result) runs before the caller sees the final event, so
+        # whatever the caller does next already finds the answer saved.
         if self.on_finish is not None:
             try:
                 self.on_finish(event)
             except Exception:  # a broken callback must not take the worker down
                 log.exception("on_finish callback failed")
+        self._events.put(event)
+        self._wake()
         self._done.set()
 
 
@@ -195,7 +201,14 @@ class Engine:
         # CUDA graphs for decode on a GPU (None: when there is one); the CPU keeps the plain path.
         if fast_decode is None:
             fast_decode = runner.device.type == "cuda"
-        self.fast = FastDecoder(runner.model, self.max_context) if fast_decode else None
+        self.fast = None
+        if fast_decode:
+            try:
+                self.fast = FastDecoder(runner.model, self.max_context)
+            except torch.cuda.OutOfMemoryError:  # no room for the decode buffer: slower, but serving
+                log.warning("no GPU memory for a %d-token decode buffer; using the plain decode path (lower "
+                            "--context-tokens to get the fast one)", self.max_context)
+                torch.cuda.empty_cache()
         self.ready = threading.Event()
         self.warmup_seconds: float | None = None
         # Admission counts live waiting requests (a cancelled one frees its slot at once); the
@@ -256,12 +269,18 @@ class Engine:
             if isinstance(item, tuple):
                 try:
                     self._warmup()
+                except Exception:
+                    log.exception("warm-up failed")
                 finally:
                     self.ready.set()  # never leave callers waiting on a warm-up that broke
                 continue
             self.metrics.running.set(1)
             try:
                 self._serve(item, self.metrics)
+            except Exception:  # last line of defence: the thread must outlive any one request
+                log.exception("request failed outside generation")
+                if item.result is None:
+                    item._finish(Failed(GENERIC_FAILURE, GenerationFailed.code, item._text))
             finally:
                 self.metrics.running.set(0)
 
@@ -316,6 +335,8 @@ class Engine:
         """Render messages; images whose grid is unknown are opened once (and returned, by sha, for encoding)."""
         opened: dict[str, Image.Image] = {}
         grids = {}
+        if len(self._grids) > MAX_KNOWN_GRIDS:  # only a cache of image sizes; keep it bounded
+            self._grids.clear()
         for vid in template_messages(messages)[1]:
             if vid not in self._grids:
                 image_id, detail = split_visual(vid)
@@ -368,10 +389,16 @@ class Engine:
                     self._free_memory()
                 except ContextTooLong as exc:
                     result = Failed(str(exc), exc.code)
+                except Exception:  # keeps the out-of-memory message: that is what the person can act on
+                    log.exception("retry at lower detail failed")
         except Exception:
             log.exception("generation failed")
-            result = Failed("The model failed while answering; the error is in the server log.",
-                            GenerationFailed.code)
+            result = Failed(GENERIC_FAILURE, GenerationFailed.code)
+        finally:
+            if handle.request.params.seed is not None and self.fast is not None:
+                torch.cuda.seed()  # a client's seed must not fix the sampling of the requests after it
+        if isinstance(result, Failed) and not result.text:
+            result = replace(result, text=handle._text)  # keep what was already streamed
         outcome = result.finish_reason if isinstance(result, Done) else "error"
         metrics.requests.labels(outcome).inc()
         handle._finish(result)
