@@ -223,11 +223,13 @@ def _usage(done: Done) -> dict:
 
 
 def engine_error(exc: EngineError) -> ApiError:
-    """Map the engine's errors to statuses the OpenAI clients understand."""
+    """Map what `submit` raises (Busy, NotReady) to statuses the OpenAI clients understand.
+
+    Everything that goes wrong later (a context that does not fit, a model failure) arrives as a
+    Failed event instead, mapped by `failed_error`.
+    """
     if isinstance(exc, (Busy, NotReady)):
         return ApiError(503, str(exc), "server_error", code=exc.code, headers={"Retry-After": "2"})
-    if exc.code == "context_length_exceeded":
-        return bad(str(exc), "messages", exc.code)
     return ApiError(500, str(exc), "server_error", code=exc.code)
 
 

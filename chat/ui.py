@@ -174,10 +174,23 @@ def change_mode(ctx: Ctx, secret: str | None, conv_id: str | None, mode: str, re
     return m.temperature, m.max_new_tokens
 
 
+def _live(ctx: Ctx, request: gr.Request):
+    """The engine handle of the answer this page is streaming now, if any."""
+    with ctx.lock:
+        return ctx.active.get(request.session_hash)
+
+
+def _turn_settings(temperature, top_p, max_new_tokens, system, detail: str | None = None) -> dict:
+    """The sampling settings stored with a message (detail only where images were attached)."""
+    settings = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "system": system or ""}
+    if detail is not None:
+        settings["detail"] = detail if detail in DETAILS else DEFAULT_DETAIL
+    return settings
+
+
 def stop(ctx: Ctx, request: gr.Request) -> str:
     """Stop this page's running answer (the worker ends it within a decode step)."""
-    with ctx.lock:
-        handle = ctx.active.get(request.session_hash)
+    handle = _live(ctx, request)
     if handle is None:
         return ""
     handle.cancel()
@@ -250,8 +263,7 @@ def send(ctx: Ctx, secret, conv_id, box, mode, temperature, top_p, max_new_token
         raise gr.Error("Type a question or attach an image.")
     image_ids = _clean_uploads(ctx, files)
     m = mode_for(mode)
-    settings = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
-                "system": system or "", "detail": detail if detail in DETAILS else DEFAULT_DETAIL}
+    settings = _turn_settings(temperature, top_p, max_new_tokens, system, detail)
     try:
         if conv_id:
             ctx.store.get_conversation(owner, conv_id)
@@ -282,16 +294,14 @@ def regenerate(ctx: Ctx, secret, conv_id, mode, temperature, top_p, max_new_toke
         raise gr.Error("That conversation no longer exists.") from None
     if not rows or not any(r["role"] == "user" for r in rows):
         raise gr.Error("Nothing to regenerate yet.")
-    with ctx.lock:
-        live = ctx.active.get(request.session_hash)
+    live = _live(ctx, request)
     if live is not None:  # the answer still streaming is the one being replaced: end it first
         live.cancel()
         live.wait(10)
         rows = ctx.store.messages(owner, conv_id)
     while rows and rows[-1]["role"] == "assistant":
         ctx.store.delete_message(owner, rows.pop()["id"])
-    settings = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
-                "system": system or ""}
+    settings = _turn_settings(temperature, top_p, max_new_tokens, system)
     yield from _answer(ctx, owner, conv_id, request.session_hash, settings, mode_for(mode).key, gr.skip(),
                        clear_box=gr.skip(), title=gr.skip())
 

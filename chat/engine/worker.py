@@ -293,9 +293,7 @@ class Engine:
             except Exception:  # a GPU or driver that cannot capture: serve on the plain path, slower but right
                 log.exception("decode graph capture failed; using the plain decode path")
                 self.fast = None
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                    torch.cuda.empty_cache()
+                self._free_memory()
         warm_image = {"warmup": Image.new("RGB", (96, 64), (120, 160, 200))}
         try:
             # Two turns: a first one with an image, then a follow-up on the cached prefix, so both
@@ -322,8 +320,7 @@ class Engine:
         log.info("prefix cache budget %.1f GiB, feature cache %.1f GiB", self.prefix.max_bytes / 2**30,
                  self.features.max_bytes / 2**30)
         self.warmup_seconds = time.monotonic() - started
-        log.info("warm-up done in %.1f s; ready", self.warmup_seconds)
-        self.ready.set()
+        log.info("warm-up done in %.1f s; ready", self.warmup_seconds)  # _loop then sets `ready`
 
     def _image(self, image_id: str, inline: dict) -> Image.Image:
         data = inline.get(image_id)
