@@ -15,6 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
+from chat.boot import start_engine
 from chat.config import Settings, load_settings
 
 log = logging.getLogger("vlchat")
@@ -23,8 +24,9 @@ log = logging.getLogger("vlchat")
 class _NotLoaded:
     """Stands in for the engine until the model is ready."""
 
-    ready = threading.Event()
-    waiting = 0
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+        self.waiting = 0
 
     def submit(self, *args, **kwargs):
         from chat.engine.types import NotReady
@@ -66,40 +68,6 @@ def browser_key(data_dir: Path) -> str:
     return path.read_text().strip()
 
 
-def start_engine(settings: Settings, store, ctx, server) -> None:
-    """Load the model, start the worker and hand it to the page; on failure stop the server."""
-    from chat.engine.loader import ModelLoadError, load
-    from chat.engine.runner import Runner
-    from chat.engine.worker import Engine
-    from chat.images import open_clean
-
-    try:
-        loaded = load(settings.model, settings.data_dir, settings.device)
-        engine = Engine(
-            Runner(loaded.model, loaded.processor),
-            lambda image_id: open_clean(store.image_bytes(image_id)),
-            max_waiting=settings.max_waiting,
-            max_context=settings.context_tokens,
-            prefix_entries=settings.prefix_cache_entries,
-            prefix_bytes=settings.prefix_cache_mb << 20,
-            feature_bytes=settings.feature_cache_mb << 20,
-        )
-    except Exception as exc:  # whatever it is, the server must not sit at "loading" forever
-        first = (str(exc).strip().splitlines() or [""])[0]
-        message = str(exc) if isinstance(exc, ModelLoadError) else (
-            f"Starting the model failed ({exc.__class__.__name__}: {first}). Check --device and the GPU "
-            "(nvidia-smi), or lower --context-tokens if the GPU is short of memory."
-        )
-        log.error("%s", message, exc_info=not isinstance(exc, ModelLoadError))
-        print(f"\nvlchat could not start: {message}\n", file=sys.stderr, flush=True)
-        ctx.exit_code = 2
-        server.should_exit = True
-        return
-    ctx.model_name = ctx.api.model_name = loaded.name
-    engine.start(warmup=True)
-    ctx.engine = ctx.api.engine = engine
-
-
 def api_policy(settings: Settings) -> tuple[bool, str]:
     """Whether /v1 may serve, and why not: without a key it is open only on loopback (or by --api-open)."""
     if settings.api_keys or settings.api_open:
@@ -125,6 +93,7 @@ def create_app(settings: Settings):
 
     from chat import page, ui
     from chat.api import ApiError, ApiState, router
+    from chat.engine.types import LoadStatus
     from chat.store import Store
 
     store = Store(settings.data_dir)
@@ -132,7 +101,7 @@ def create_app(settings: Settings):
     if recovered:
         log.info("marked %d answers interrupted by the last shutdown", recovered)
     ctx = ui.Ctx(store=store, engine=_NotLoaded(), settings=settings, random_weights=settings.model == "tiny-random",
-                 model_name=settings.model)
+                 model_name=settings.model, status=LoadStatus())
     app = FastAPI(title="vlchat", docs_url=None, redoc_url=None, openapi_url=None)
     is_open, reason = api_policy(settings)
     if not is_open:

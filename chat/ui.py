@@ -50,6 +50,7 @@ class Ctx:
     model_name: str = ""
     exit_code: int = 0
     api: object = None  # the /v1 state (chat.api.ApiState), set by app.py
+    status: object = None  # chat.engine.types.LoadStatus: start-up progress ("Loading the model, 43%")
     active: dict[str, object] = field(default_factory=dict)  # Gradio session -> engine Handle
     lock: threading.Lock = field(default_factory=threading.Lock)
 

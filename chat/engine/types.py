@@ -43,6 +43,15 @@ class ContextTooLong(EngineError):
     code = "context_length_exceeded"
 
 
+class ShuttingDown(EngineError):
+    """The server is stopping; open answers end with this."""
+
+    code = "shutting_down"
+
+    def __init__(self) -> None:
+        super().__init__("The server is restarting; your answer was cut short. Try again in a minute.")
+
+
 class GenerationFailed(EngineError):
     """The model failed while generating (out of memory, a bug); the worker goes on serving."""
 
@@ -70,6 +79,10 @@ class ChatRequest:
     messages: list[dict]
     params: GenParams = field(default_factory=GenParams)
     session: str | None = None  # a hint for prefix reuse (a conversation id); never required
+    # Who may reuse this request's KV state: the owner key (a browser, an --auth user, an API key,
+    # optionally split by the client's cache_salt). It is part of every prefix-cache key, so
+    # state built for one owner never serves another (no cached_tokens side channel).
+    cache_salt: str = ""
     # Images that travel with the request (clean bytes or a PIL image, by id), looked up before the
     # engine's own image loader: an API request's inline images stay with it while it waits.
     images: dict = field(default_factory=dict)
@@ -121,3 +134,34 @@ class Failed:
 
 
 Event = Delta | Done | Failed
+
+
+class LoadStatus:
+    """How far start-up has got, for the page and /health: phase, a fraction where known, or a failure.
+
+    Written by the loading thread, read by web threads; plain attribute writes are enough.
+    """
+
+    def __init__(self) -> None:
+        self.phase = "starting"  # starting -> loading -> warming-up -> ready, or failed
+        self.fraction: float | None = None
+        self.error = ""
+
+    def set(self, phase: str, fraction: float | None = None) -> None:
+        """Move to `phase` (with progress in 0..1 where known)."""
+        self.phase, self.fraction = phase, fraction
+
+    def fail(self, message: str) -> None:
+        """Start-up failed for good; `message` says what to do."""
+        self.phase, self.error = "failed", message
+
+    def describe(self) -> str:
+        """One line for a person: 'Loading the model, 43%'."""
+        if self.phase == "failed":
+            return f"The model could not start: {self.error}"
+        if self.phase == "ready":
+            return "Ready."
+        label = {"starting": "Starting", "loading": "Loading the model",
+                 "warming-up": "Warming up the model"}.get(self.phase, self.phase)
+        pct = f", {round(self.fraction * 100)}%" if self.fraction is not None else ""
+        return f"{label}{pct}…"

@@ -1,0 +1,64 @@
+"""Start-up of the local engine: load the model, warm it up, hand it to the page and API.
+
+Runs on a background thread while the server already listens. Progress goes into the shared
+`LoadStatus` (the page shows it, /health reports it). Any failure, in loading or in warm-up,
+ends the process with one paragraph of advice instead of leaving it at "loading" or, worse,
+reporting ready with a broken engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from chat.config import Settings
+
+log = logging.getLogger("vlchat")
+
+
+def _fail(ctx, server, message: str) -> None:
+    ctx.status.fail(message)
+    print(f"\nvlchat could not start: {message}\n", file=sys.stderr, flush=True)
+    ctx.exit_code = 2
+    server.should_exit = True
+
+
+def start_engine(settings: Settings, store, ctx, server) -> None:
+    """Load the model, start the worker and hand it to the page; on failure stop the server."""
+    from chat.engine.loader import ModelLoadError, load
+    from chat.engine.runner import Runner
+    from chat.engine.worker import Engine
+    from chat.images import open_clean
+
+    status = ctx.status
+    try:
+        status.set("loading")
+        loaded = load(settings.model, settings.data_dir, settings.device, progress=status.set)
+        engine = Engine(
+            Runner(loaded.model, loaded.processor),
+            lambda image_id: open_clean(store.image_bytes(image_id)),
+            max_waiting=settings.max_waiting,
+            max_context=settings.context_tokens,
+            prefix_entries=settings.prefix_cache_entries,
+            prefix_bytes=settings.prefix_cache_mb << 20,
+            feature_bytes=settings.feature_cache_mb << 20,
+        )
+    except Exception as exc:  # whatever it is, the server must not sit at "loading" forever
+        first = (str(exc).strip().splitlines() or [""])[0]
+        message = str(exc) if isinstance(exc, ModelLoadError) else (
+            f"Starting the model failed ({exc.__class__.__name__}: {first}). Check --device and the GPU "
+            "(nvidia-smi), or lower --context-tokens if the GPU is short of memory."
+        )
+        log.error("%s", message, exc_info=not isinstance(exc, ModelLoadError))
+        _fail(ctx, server, message)
+        return
+    ctx.model_name = ctx.api.model_name = loaded.name
+    status.set("warming-up")
+    engine.start(warmup=True)
+    engine.warmed.wait()
+    if engine.warmup_error:
+        engine.shutdown()
+        _fail(ctx, server, f"Warming up the model failed: {engine.warmup_error} The details are in the log above.")
+        return
+    status.set("ready")
+    ctx.engine = ctx.api.engine = engine
