@@ -48,7 +48,17 @@ class Settings:
         0, "Memory budget for kept KV state, in MiB; 0 sizes it at start-up from free GPU memory (2 GiB on CPU)."
     )
     feature_cache_mb: int = _opt(1024, "Memory budget for kept vision features, in MiB.")
-    gradio_cache_hours: int = _opt(24, "Gradio's temporary upload files older than this are deleted.")
+    max_message_chars: int = _opt(100_000, "Longest text of one page message, in characters.")
+    gradio_cache_hours: int = _opt(1, "Gradio's temporary upload files older than this are deleted.")
+    metrics_key_required: bool = _opt(False, "/metrics requires an API key ('Authorization: Bearer KEY').")
+    expose_docs: bool = _opt(False, "Serve the OpenAPI schemas, /docs and Gradio's /monitoring (off: 404).")
+    login_failures_per_minute: int = _opt(
+        5, "Failed page logins one address may make per minute; more get 429 (0: no limit)."
+    )
+    cookie_secure: bool = _opt(False, "Mark the browser-identity cookie Secure (set it when served over HTTPS).")
+    shutdown_grace_seconds: int = _opt(5, "On SIGTERM, seconds open answers get to end before the server stops.")
+    header_timeout_seconds: int = _opt(15, "Seconds a client may take to send a request's headers.")
+    body_timeout_seconds: int = _opt(30, "Seconds a client may take to send a request's body.")
     log_level: str = _opt("INFO", "Logging level.")
 
     @property
