@@ -53,8 +53,9 @@ EXPOSE 8080
 USER vlchat
 
 # /health answers 200 once the model is loaded and warmed up (503 before); the first start
-# may download the model (about 17.5 GB), hence the long start period.
+# may download the model (about 17.5 GB), hence the long start period. chat.healthcheck reads the
+# server's own flags (/proc/1/cmdline) and VLCHAT_* variables, so it follows --port and VLCHAT_PORT.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s \
-    CMD ["/opt/venv/bin/python", "-c", "import os,sys,urllib.request; port=os.environ.get('VLCHAT_PORT','8080'); sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:%s/health' % port, timeout=4).status==200 else 1)"]
+    CMD ["/opt/venv/bin/python", "-m", "chat.healthcheck"]
 
 CMD ["python", "app.py"]

@@ -1,65 +1,94 @@
-"""Settings: one frozen dataclass, parsed once at startup and passed down.
+"""Settings: one frozen dataclass, parsed and validated once at startup and passed down.
 
 Every field has a default and a help line; each is a command-line flag (`--max-waiting`) and
 an environment variable (`VLCHAT_MAX_WAITING`). A flag beats the variable, which beats the
 default. `python app.py --help` prints the table.
+
+Flags and variables are parsed by the same code, so `--port abc` and `VLCHAT_PORT=abc` get the
+same sentence. Every value is checked when the Settings is built (`__post_init__`): whole numbers
+in their range, on/off words only (1/0, true/false, yes/no, on/off), a known device and log level,
+user:password for --auth. A bad value ends start-up with one line naming the flag and the variable
+and what is allowed (exit code 2), never a traceback or a silent fallback.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import MISSING, dataclass, field, fields
+import re
+import sys
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 
 from chat.engine.types import GenParams
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+SECRETS = ("auth", "api_key")
 
-def _opt(default, help: str, **extra):
-    return field(default=default, metadata={"help": help, **extra})
+
+class SettingsError(ValueError):
+    """A setting with a value it may not have; the text names the flag, the variable and what is allowed."""
+
+
+def _opt(default, help: str, *, lo: int | None = None, hi: int | None = None, check: str = ""):
+    """A Settings field: its default, help line and what values it allows."""
+    return field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "check": check})
 
 
 @dataclass(frozen=True)
 class Settings:
     """All limits and switches of one vlchat server."""
 
-    host: str = _opt("0.0.0.0", "Interface to listen on.")
-    port: int = _opt(8080, "Port to listen on.")
+    host: str = _opt("0.0.0.0", "Interface to listen on.", check="host")
+    port: int = _opt(8080, "Port to listen on (0 picks a free one).", lo=0, hi=65535)
     model: str = _opt(
         "Qwen/Qwen3-VL-8B-Instruct",
         "Hub id or local folder of a Qwen3-VL checkpoint; 'tiny-random' builds a random-weight test model.",
+        check="nonempty",
     )
     data_dir: Path = _opt(Path("data"), "Folder for the SQLite history, stored images and the tiny model.")
-    device: str = _opt("auto", "'auto' (GPU if present), 'cuda' or 'cpu'.")
-    auth: str = _opt("", "user:password for the page (Gradio auth); conversations then belong to the user.")
-    api_key: str = _opt("", "Key(s) the /v1 API requires as 'Authorization: Bearer KEY'; several separated by commas.")
+    device: str = _opt("auto", "'auto' (GPU if present), 'cpu', 'cuda' or 'cuda:N'.", check="device")
+    auth: str = _opt("", "user:password for the page (Gradio auth); conversations then belong to the user.",
+                     check="auth")
+    api_key: str = _opt("", "Key(s) the /v1 API requires as 'Authorization: Bearer KEY'; several separated by commas.",
+                        check="api_key")
     api_open: bool = _opt(False, "Serve /v1 without a key on a non-loopback address (otherwise it is refused).")
-    max_waiting: int = _opt(16, "Requests that may wait for the model; more get an immediate 'busy'.")
-    context_tokens: int = _opt(32768, "Longest conversation (prompt + answer) in tokens.")
-    default_max_new_tokens: int = _opt(1024, "Default answer length limit in tokens.")
-    max_new_tokens_limit: int = _opt(4096, "Largest answer length a request may ask for.")
-    max_image_bytes: int = _opt(20_000_000, "Largest image upload in bytes.")
-    max_image_pixels: int = _opt(40_000_000, "Largest image in pixels (width x height), checked before decoding.")
-    max_body_bytes: int = _opt(50_000_000, "Largest /v1 request body in bytes (images travel inside it).")
-    max_images_per_message: int = _opt(8, "Images one message may carry.")
-    max_images_per_conversation: int = _opt(32, "Images one conversation may hold.")
-    prefix_cache_entries: int = _opt(8, "Conversations whose KV state is kept for reuse across turns.")
+    max_waiting: int = _opt(16, "Requests that may wait for the model; more get an immediate 'busy'.", lo=1)
+    context_tokens: int = _opt(32768, "Longest conversation (prompt + answer) in tokens.", lo=256)
+    default_max_new_tokens: int = _opt(1024, "Default answer length limit in tokens.", lo=1)
+    max_new_tokens_limit: int = _opt(4096, "Largest answer length a request may ask for.", lo=1)
+    max_image_bytes: int = _opt(20_000_000, "Largest image upload in bytes.", lo=1)
+    max_image_pixels: int = _opt(40_000_000, "Largest image in pixels (width x height), checked before decoding.",
+                                 lo=1)
+    max_body_bytes: int = _opt(50_000_000, "Largest /v1 request body in bytes (images travel inside it).", lo=1)
+    max_images_per_message: int = _opt(8, "Images one message may carry.", lo=0)
+    max_images_per_conversation: int = _opt(32, "Images one conversation may hold.", lo=0)
+    prefix_cache_entries: int = _opt(8, "Conversations whose KV state is kept for reuse across turns.", lo=0)
     prefix_cache_mb: int = _opt(
-        0, "Memory budget for kept KV state, in MiB; 0 sizes it at start-up from free GPU memory (2 GiB on CPU)."
+        0, "Memory budget for kept KV state, in MiB; 0 sizes it at start-up from free GPU memory (2 GiB on CPU).",
+        lo=0,
     )
-    feature_cache_mb: int = _opt(1024, "Memory budget for kept vision features, in MiB.")
-    max_message_chars: int = _opt(100_000, "Longest text of one page message, in characters.")
-    gradio_cache_hours: int = _opt(1, "Gradio's temporary upload files older than this are deleted.")
+    feature_cache_mb: int = _opt(1024, "Memory budget for kept vision features, in MiB.", lo=0)
+    max_message_chars: int = _opt(100_000, "Longest text of one page message, in characters.", lo=1)
+    gradio_cache_hours: int = _opt(1, "Gradio's temporary upload files older than this are deleted.", lo=1)
     metrics_key_required: bool = _opt(False, "/metrics requires an API key ('Authorization: Bearer KEY').")
     expose_docs: bool = _opt(False, "Serve the OpenAPI schemas, /docs and Gradio's /monitoring (off: 404).")
     login_failures_per_minute: int = _opt(
-        5, "Failed page logins one address may make per minute; more get 429 (0: no limit)."
+        5, "Failed page logins one address may make per minute; more get 429 (0: no limit).", lo=0
     )
     cookie_secure: bool = _opt(False, "Mark the browser-identity cookie Secure (set it when served over HTTPS).")
-    shutdown_grace_seconds: int = _opt(5, "On SIGTERM, seconds open answers get to end before the server stops.")
-    header_timeout_seconds: int = _opt(15, "Seconds a client may take to send a request's headers.")
-    body_timeout_seconds: int = _opt(30, "Seconds a client may take to send a request's body.")
-    log_level: str = _opt("INFO", "Logging level.")
+    shutdown_grace_seconds: int = _opt(5, "On SIGTERM, seconds open answers get to end before the server stops.",
+                                       lo=0)
+    header_timeout_seconds: int = _opt(15, "Seconds a client may take to send a request's headers.", lo=1)
+    body_timeout_seconds: int = _opt(30, "Seconds a client may take to send a request's body.", lo=1)
+    log_level: str = _opt("INFO", "Logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL.", check="log_level")
+
+    def __post_init__(self) -> None:
+        """Every value within what its setting allows (raises SettingsError naming the setting)."""
+        for f in fields(self):
+            _check(f, getattr(self, f.name))
 
     @property
     def api_keys(self) -> tuple[str, ...]:
@@ -81,9 +110,94 @@ def _env_name(name: str) -> str:
     return "VLCHAT_" + name.upper()
 
 
+def _names(f: Field) -> str:
+    """'--max-waiting (VLCHAT_MAX_WAITING)'."""
+    return f"--{f.name.replace('_', '-')} ({_env_name(f.name)})"
+
+
+def _fail(f: Field, allowed: str, value) -> SettingsError:
+    if f.name in SECRETS:  # a password or key is never echoed (the line may end up in a log)
+        return SettingsError(f"{_names(f)} must be {allowed} (the value given is not shown).")
+    shown = value if isinstance(value, str) else str(value)
+    if len(shown) > 40:
+        shown = shown[:40] + "..."
+    return SettingsError(f"{_names(f)} must be {allowed}; got {shown!r}.")
+
+
+def _check(f: Field, value) -> None:
+    """Raise SettingsError unless `value` is allowed for field `f`."""
+    meta = f.metadata
+    if isinstance(f.default, bool):
+        if not isinstance(value, bool):
+            raise _fail(f, "on or off", value)
+    elif isinstance(f.default, int):
+        lo, hi = meta.get("lo"), meta.get("hi")
+        allowed = "a whole number" + (f" from {lo} to {hi}" if hi is not None else
+                                      f" of at least {lo}" if lo is not None else "")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail(f, allowed, value)
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise _fail(f, allowed, value)
+    elif isinstance(f.default, Path):
+        if not isinstance(value, Path) or not str(value).strip():
+            raise _fail(f, "a folder path", value)
+    else:
+        if not isinstance(value, str):
+            raise _fail(f, "text", value)
+        rule = _STRING_RULES.get(meta.get("check", ""))
+        if rule is not None and not rule[0](value):
+            raise _fail(f, rule[1], value)
+
+
+def _api_keys_ok(value: str) -> bool:
+    keys = [k.strip() for k in value.split(",")]
+    return not value or (any(keys) and all(re.fullmatch(r"[!-~]*", k) for k in keys))
+
+
+_STRING_RULES = {
+    "nonempty": (lambda v: bool(v.strip()), "non-empty"),
+    "host": (lambda v: bool(re.fullmatch(r"\S+", v)), "an address such as 127.0.0.1, 0.0.0.0 or ::"),
+    "device": (lambda v: bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", v)), "auto, cpu, cuda or cuda:N (N a GPU number)"),
+    "auth": (lambda v: not v or bool(re.fullmatch(r"[^:\s][^:]*:\S.*", v)),
+             "user:password (a user name without ':', then a password)"),
+    "api_key": (_api_keys_ok, "one or more keys separated by commas, printable ASCII without spaces"),
+    "log_level": (lambda v: v.upper() in LOG_LEVELS, "one of " + ", ".join(LOG_LEVELS)),
+}
+
+
+def _parse(f: Field, raw: str):
+    """A flag's or variable's text as the field's type (range checks come later, in Settings)."""
+    if isinstance(f.default, bool):
+        word = raw.strip().lower()
+        if word in TRUE_WORDS or word in FALSE_WORDS:
+            return word in TRUE_WORDS
+        raise _fail(f, "one of 1/0, true/false, yes/no, on/off", raw)
+    if isinstance(f.default, int):
+        text = raw.strip().replace("_", "")
+        if not re.fullmatch(r"[+-]?\d{1,18}", text):
+            lo, hi = f.metadata.get("lo"), f.metadata.get("hi")
+            allowed = "a whole number" + (f" from {lo} to {hi}" if hi is not None else
+                                          f" of at least {lo}" if lo is not None else "")
+            raise _fail(f, allowed, raw)
+        return int(text)
+    if isinstance(f.default, Path):
+        if not raw.strip():
+            raise _fail(f, "a folder path", raw)
+        return Path(raw)
+    return raw
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (not the whole usage text) and exit code 2."""
+
+    def error(self, message: str):
+        """Print one line and exit 2."""
+        self.exit(2, f"vlchat could not start: {message} (python app.py --help lists the options)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    """The command line, built from the Settings fields."""
-    ap = argparse.ArgumentParser(
+    """The command line, built from the Settings fields (values stay text until `load_settings` parses them)."""
+    ap = _Parser(
         prog="app.py",
         description="vlchat: multi-turn visual chat over Qwen3-VL, with a web page and an OpenAI-compatible API.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -95,21 +209,34 @@ def parser() -> argparse.ArgumentParser:
         if isinstance(default, bool):
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
         else:
-            ap.add_argument(flag, type=type(default) if not isinstance(default, Path) else Path, default=default,
-                            help=help_)
+            ap.add_argument(flag, type=str, default=default, metavar=f.name.upper(), help=help_)
     return ap
 
 
-def load_settings(argv: list[str] | None = None, environ: dict | None = None) -> Settings:
-    """Defaults, overridden by VLCHAT_* variables, overridden by flags."""
-    environ = os.environ if environ is None else environ
+def _load(argv: list[str] | None, environ) -> Settings:
     ap = parser()
     for f in fields(Settings):
         value = environ.get(_env_name(f.name))
         if value is not None:
-            if isinstance(f.default, bool):
-                parsed = value.strip().lower() in ("1", "true", "yes", "on")
-            else:
-                parsed = (Path if f.type in ("Path", Path) else type(f.default))(value)
-            ap.set_defaults(**{f.name: parsed})
-    return Settings(**vars(ap.parse_args(argv)))
+            # Bools are parsed now (their flags carry no text); the rest stays text, like a flag's value.
+            ap.set_defaults(**{f.name: _parse(f, value) if isinstance(f.default, bool) else value})
+    given = vars(ap.parse_args(argv))
+    values = {f.name: _parse(f, given[f.name]) if isinstance(given[f.name], str) and not isinstance(
+        f.default, str) else given[f.name] for f in fields(Settings)}
+    return Settings(**values)
+
+
+def load_settings(argv: list[str] | None = None, environ=None, *, exit_on_error: bool = True) -> Settings:
+    """Defaults, overridden by VLCHAT_* variables, overridden by flags; all validated.
+
+    A bad value prints one line naming the setting and exits with code 2 (or, with
+    exit_on_error=False, raises SettingsError).
+    """
+    environ = os.environ if environ is None else environ
+    try:
+        return _load(argv, environ)
+    except SettingsError as exc:
+        if not exit_on_error:
+            raise
+        print(f"vlchat could not start: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
