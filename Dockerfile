@@ -1,17 +1,21 @@
-# vlchat: one GPU, one process (page + /health + /metrics on port 8080), data in /data.
+# vlchat: one GPU, one process (page + /v1 + /health + /metrics on port 8080), data in /data.
 #
 #   docker build -t vlchat .
-#   docker run --gpus all -v vlchat-data:/data -p 8080:8080 vlchat
+#   docker run --gpus all -v vlchat-data:/data -p 8080:8080 -e VLCHAT_API_KEY=change-me vlchat
 #
-# Base: NVIDIA's CUDA Ubuntu image (it sets what the NVIDIA container toolkit needs) plus
-# python3. The small `base` flavour is enough: the torch wheel brings its own CUDA and cuDNN
-# libraries. The host driver must be new enough for that torch build's CUDA version
-# (python -c "import torch; print(torch.version.cuda)"); for an older driver, build with the
-# PyTorch index of a CUDA it supports, e.g.
-#   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 -t vlchat .
-FROM nvidia/cuda:12.8.1-base-ubuntu24.04
+# CUDA: requirements.txt resolves to PyPI's torch 2.14, whose wheel is built for CUDA 13.0 and
+# brings its own CUDA and cuDNN libraries; the base image matches that CUDA (its
+# NVIDIA_REQUIRE_CUDA makes the NVIDIA container toolkit refuse, with a clear message, a host
+# driver too old for it: CUDA 13.0 needs driver 580 or newer) and torch is held to that series
+# below. For an older driver, build against a CUDA it supports, both the base and the wheels:
+#   docker build --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04 \
+#     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 -t vlchat .
+ARG BASE_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
+FROM ${BASE_IMAGE}
 
 ARG TORCH_INDEX_URL=
+# The torch series the base image's CUDA was chosen for (tests/test_config.py checks the two agree).
+ARG TORCH_SERIES=2.14.*
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
@@ -30,8 +34,11 @@ WORKDIR /app
 
 # Dependencies first: this layer is rebuilt only when requirements.txt changes.
 COPY requirements.txt ./
-RUN if [ -n "$TORCH_INDEX_URL" ]; then pip install --index-url "$TORCH_INDEX_URL" torch torchvision; fi \
-    && pip install -r requirements.txt
+RUN echo "torch==${TORCH_SERIES}" > /tmp/torch-constraint.txt \
+    && if [ -n "$TORCH_INDEX_URL" ]; then \
+        pip install --index-url "$TORCH_INDEX_URL" -c /tmp/torch-constraint.txt torch torchvision; fi \
+    && pip install -c /tmp/torch-constraint.txt -r requirements.txt \
+    && python -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 
 COPY app.py ./
 COPY chat/ ./chat/

@@ -221,3 +221,18 @@ def test_health_check_module_runs_as_the_dockerfile_calls_it():
     result = subprocess.run([sys.executable, "-m", "chat.healthcheck", "--help"], capture_output=True, text=True,
                             cwd=ROOT, timeout=30)
     assert result.returncode == 0 and "/proc/1/cmdline" in result.stdout
+
+
+def test_docker_base_image_matches_the_torch_wheel_requirements_resolve_to():
+    """The Dockerfile's CUDA base and torch series are the ones pip installs from requirements.txt here."""
+    torch = pytest.importorskip("torch")
+    if torch.version.cuda is None:
+        pytest.skip("a CPU-only torch build says nothing about the CUDA one")
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    base = re.search(r"^ARG BASE_IMAGE=nvidia/cuda:(\d+)\.(\d+)\.\d+-base-ubuntu[\d.]+$", dockerfile, re.M)
+    series = re.search(r"^ARG TORCH_SERIES=(\d+)\.(\d+)\.\*$", dockerfile, re.M)
+    assert base and series, "the Dockerfile must pin a CUDA base image and a torch series"
+    assert ".".join(base.groups()) == ".".join(torch.version.cuda.split(".")[:2])
+    assert ".".join(series.groups()) == ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", dockerfile, re.M)
+    assert "-c /tmp/torch-constraint.txt -r requirements.txt" in dockerfile
