@@ -61,4 +61,7 @@ def start_engine(settings: Settings, store, ctx, server) -> None:
         _fail(ctx, server, f"Warming up the model failed: {engine.warmup_error} The details are in the log above.")
         return
     status.set("ready")
+    placeholder = ctx.engine
     ctx.engine = ctx.api.engine = engine
+    if placeholder is not None and hasattr(placeholder, "ready"):
+        placeholder.ready.set()  # whoever waits on the stand-in learns the engine is ready

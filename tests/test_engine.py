@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from chat.engine.prompt import split_visual, template_messages
+from chat.engine.prompt import salted, split_visual, template_messages
 from chat.engine.runner import Runner, TextStream
 from chat.engine.types import Busy, ChatRequest, Delta, Done, Failed, GenParams, NotReady
 from chat.engine.worker import Engine
@@ -95,7 +95,7 @@ def test_cached_turns_equal_full_prefill_and_encode_image_once(engine, loaded):
 
     # The state the cache built equals a fresh full prefill of the same conversation.
     prompt, _ = engine.build_prompt(messages)
-    kv, reuse = engine.prefix.take(prompt.keys, None, len(prompt.ids) - 1, engine.runner.new_cache)
+    kv, reuse = engine.prefix.take(salted(prompt.keys, ""), None, len(prompt.ids) - 1, engine.runner.new_cache)
     assert reuse > len(prompt.ids) // 2
     logits = engine.runner.forward(prompt.ids[reuse:], prompt.positions[:, reuse:], reuse, kv)
     _, ref = reference_logits(loaded, messages)
@@ -109,7 +109,7 @@ def test_follow_up_after_other_conversation_and_new_image(engine, loaded):
     assert isinstance(other, Done)
     second = first + [{"role": "assistant", "content": done.text}, user("Now compare with this one.", "fractal")]
     prompt, _ = engine.build_prompt(second)
-    kv, reuse = engine.prefix.take(prompt.keys, None, len(prompt.ids) - 1, engine.runner.new_cache)
+    kv, reuse = engine.prefix.take(salted(prompt.keys, ""), None, len(prompt.ids) - 1, engine.runner.new_cache)
     assert reuse > prompt.images[0].start + prompt.images[0].length  # the red image's prefix survived
     new = [(s.start - reuse, engine.features.get(s.image_id)) for s in prompt.images if s.start >= reuse]
     assert len(new) == 1 and new[0][1] is not None  # the fractal's features were kept
@@ -167,12 +167,14 @@ def test_stop_ends_generation_within_two_steps(engine):
 
 def test_full_queue_is_refused_at_once(loaded):
     gate = threading.Event()
+    eng = Engine(Runner(loaded.model, loaded.processor), IMAGES.__getitem__, max_waiting=1)
+    encode = eng.runner.encode
 
-    def slow_fetch(image_id):
+    def slow_encode(*args, **kwargs):  # holds the worker on the first request
         gate.wait(30)
-        return RED
+        return encode(*args, **kwargs)
 
-    eng = Engine(Runner(loaded.model, loaded.processor), slow_fetch, max_waiting=1)
+    eng.runner.encode = slow_encode
     eng.start(warmup=False)
     try:
         first = eng.submit(ChatRequest([user("a", "red")], GenParams(max_new_tokens=2)))
@@ -187,7 +189,8 @@ def test_full_queue_is_refused_at_once(loaded):
         # A queued request that is cancelled ends at once, without waiting for the worker.
         second.cancel()
         assert second.wait(1) == Done("cancelled", "", second.result.usage)
-        assert second.result.usage.prompt_tokens == 0
+        # Its prompt was rendered when it was submitted: the usage says how long it was.
+        assert second.result.usage.prompt_tokens == len(eng.build_prompt(second.request.messages)[0].ids) > 0
         third = eng.submit(ChatRequest([user("d")], GenParams(max_new_tokens=2)))
         gate.set()
         assert isinstance(first.wait(30), Done) and isinstance(third.wait(30), Done)
@@ -284,7 +287,7 @@ def test_evicted_conversation_is_rebuilt_without_encoding_the_image_again(engine
     assert again.usage.cached_tokens == 0 and again.usage.images_encoded == 0
     assert engine.metrics.images_encoded._value.get() == before
     prompt, _ = engine.build_prompt(messages)
-    kv, reuse = engine.prefix.take(prompt.keys, None, len(prompt.ids) - 1, engine.runner.new_cache)
+    kv, reuse = engine.prefix.take(salted(prompt.keys, ""), None, len(prompt.ids) - 1, engine.runner.new_cache)
     assert reuse > len(prompt.ids) // 2  # the rebuilt state is cached again
     logits = engine.runner.forward(prompt.ids[reuse:], prompt.positions[:, reuse:], reuse, kv)
     _, ref = reference_logits(loaded, messages)
@@ -311,7 +314,7 @@ def test_new_image_in_turn_three_equals_full_prefill(engine, loaded):
         done = run(engine, messages)[-1]
         messages = messages + [{"role": "assistant", "content": done.text}, follow_up]
     prompt, _ = engine.build_prompt(messages)
-    kv, reuse = engine.prefix.take(prompt.keys, None, len(prompt.ids) - 1, engine.runner.new_cache)
+    kv, reuse = engine.prefix.take(salted(prompt.keys, ""), None, len(prompt.ids) - 1, engine.runner.new_cache)
     red, fractal = prompt.images
     assert red.start + red.length <= reuse <= fractal.start  # turns 1-2 reused, the new image still to run
     feats = engine.runner.encode([FRACTAL], "auto")[0]

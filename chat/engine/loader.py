@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,10 +69,27 @@ class Loaded:
 
 
 def pick_device(requested: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """bf16 on the GPU when there is one, float32 on the CPU."""
+    """bf16 on the GPU when there is one, float32 on the CPU; a GPU asked for and missing is an error."""
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu"), torch.float32
-    return torch.device("cuda"), torch.bfloat16
+    device = torch.device("cuda" if requested == "auto" else requested)
+    try:
+        usable = torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+        if usable:
+            torch.empty(1, device=device)  # a driver too old for this torch fails here, not mid-load
+    except Exception as exc:  # noqa: BLE001 - any CUDA init failure means "no usable GPU"
+        usable = False
+        reason = f" ({exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0]})"
+    else:
+        reason = ""
+    if not usable:
+        raise ModelLoadError(
+            f"--device {requested} (VLCHAT_DEVICE) asks for a GPU, but none is usable here{reason}. Check that "
+            "`nvidia-smi` works, that the NVIDIA driver supports this torch build's CUDA "
+            f"({torch.version.cuda or 'none'}), and in Docker that the container was started with `--gpus all`; "
+            "or pass --device cpu (slow) or --device auto."
+        )
+    return device, torch.bfloat16
 
 
 def tiny_random_config():
@@ -201,13 +219,53 @@ def _check_hub(repo_id: str) -> None:
             reason = f"{endpoint.hostname} cannot be reached ({exc.__class__.__name__})"
     raise ModelLoadError(
         f"Model '{repo_id}' is not in the local cache and {reason}. Download it on a machine with network "
-        f"access (`huggingface-cli download {repo_id} --local-dir ./model`), copy the folder here and pass "
+        f"access (`hf download {repo_id} --local-dir ./model`), copy the folder here and pass "
         "--model ./model, or use --model tiny-random for an offline smoke run."
     )
 
 
-def load(model: str, data_dir: Path, device: str = "auto") -> Loaded:
-    """Load processor and model from a hub id, a local folder or `tiny-random`."""
+def _weights_bytes(source: str) -> int:
+    """Total size of the checkpoint's weight files (0 when unknown), for load progress."""
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(source, local_files_only=True))
+        except Exception:  # noqa: BLE001 - progress is a nicety; never fail a load over it
+            return 0
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+class _Progress:
+    """Reports loading progress as GPU memory filled against the weights' size, every half second."""
+
+    def __init__(self, report, device: torch.device, total: int) -> None:
+        self.report, self.device, self.total = report, device, total
+        self.base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="vlchat-load-progress", daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.5):
+            done = torch.cuda.memory_allocated(self.device) - self.base
+            self.report("loading", min(0.99, max(0.0, done / self.total)))
+
+    def __enter__(self) -> _Progress:
+        self.report("loading", 0.0 if self.total else None)
+        if self.total and self.device.type == "cuda":
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+
+
+def load(model: str, data_dir: Path, device: str = "auto", progress=None) -> Loaded:
+    """Load processor and model from a hub id, a local folder or `tiny-random`.
+
+    `progress(phase, fraction)`, when given, hears how far loading the weights has got.
+    """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     random_weights = model == TINY_RANDOM
@@ -219,7 +277,7 @@ def load(model: str, data_dir: Path, device: str = "auto") -> Loaded:
     if looks_local and not Path(source).expanduser().is_dir():
         raise ModelLoadError(
             f"Model folder '{source}' does not exist. Pass --model with a folder that holds config.json "
-            "and the weights (for example one made with `huggingface-cli download`), a hub id such as "
+            "and the weights (for example one made with `hf download`), a hub id such as "
             "Qwen/Qwen3-VL-8B-Instruct on a machine that can reach the hub, or --model tiny-random for an "
             "offline smoke run."
         )
@@ -230,12 +288,13 @@ def load(model: str, data_dir: Path, device: str = "auto") -> Loaded:
     try:
         processor = AutoProcessor.from_pretrained(source)
         log.info("loading model weights from %s on %s as %s (this can take a minute)", source, dev, dtype)
-        net = AutoModelForImageTextToText.from_pretrained(
-            source,
-            dtype=dtype,
-            device_map={"": str(dev)} if dev.type == "cuda" else None,
-            attn_implementation="sdpa",
-        )
+        with _Progress(progress or (lambda phase, fraction: None), dev, _weights_bytes(source)):
+            net = AutoModelForImageTextToText.from_pretrained(
+                source,
+                dtype=dtype,
+                device_map={"": str(dev)} if dev.type == "cuda" else None,
+                attn_implementation="sdpa",
+            )
     except torch.cuda.OutOfMemoryError as exc:
         raise ModelLoadError(
             f"The GPU ran out of memory while loading '{source}' ({exc.__class__.__name__}). Qwen3-VL-8B needs "
@@ -246,7 +305,7 @@ def load(model: str, data_dir: Path, device: str = "auto") -> Loaded:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise ModelLoadError(
             f"Could not load model '{source}': {first} If this is a hub id, this machine may have no network "
-            "access or no token for it: download the model elsewhere (`huggingface-cli download "
+            "access or no token for it: download the model elsewhere (`hf download "
             "Qwen/Qwen3-VL-8B-Instruct --local-dir ./qwen3-vl-8b`), copy the folder here and pass "
             "--model ./qwen3-vl-8b. Use --model tiny-random for an offline smoke run."
         ) from exc

@@ -45,6 +45,10 @@ class Runner:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         cfg = model.config.get_text_config()
         self.max_context = int(getattr(cfg, "max_position_embeddings", 32768))
+        # The most characters one token can stand for: a byte-level BPE token's string has one
+        # character per byte, at least as many as the text it decodes to. Bounds prompts before tokenizing.
+        vocab = processor.tokenizer.get_vocab()
+        self.max_token_chars = max(1, max((len(t) for t in vocab), default=1))
 
     def grid(self, width: int, height: int, detail: str) -> tuple[int, int, int]:
         """Patch grid (t, h, w) the processor will produce for an image of this size at `detail`."""

@@ -79,13 +79,13 @@ class ChatRequest:
     messages: list[dict]
     params: GenParams = field(default_factory=GenParams)
     session: str | None = None  # a hint for prefix reuse (a conversation id); never required
+    # Images that travel with the request (clean bytes or a PIL image, by id), looked up before the
+    # engine's own image loader: an API request's inline images stay with it while it waits.
+    images: dict = field(default_factory=dict)
     # Who may reuse this request's KV state: the owner key (a browser, an --auth user, an API key,
     # optionally split by the client's cache_salt). It is part of every prefix-cache key, so
     # state built for one owner never serves another (no cached_tokens side channel).
     cache_salt: str = ""
-    # Images that travel with the request (clean bytes or a PIL image, by id), looked up before the
-    # engine's own image loader: an API request's inline images stay with it while it waits.
-    images: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

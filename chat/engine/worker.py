@@ -1,23 +1,25 @@
 """The one thread that owns the model.
 
-Callers `submit()` a ChatRequest and get a Handle: an iterator of events (Delta, then Done or
-Failed) and a `cancel()` that the worker honours between two decode steps. The queue is
-bounded; a full queue raises Busy at once instead of hanging the caller. An optional
-`on_finish` callback runs on the worker thread with the final event, so a result is recorded
-even when nobody is reading the stream any more (a closed tab).
+Callers `submit()` a ChatRequest and get a Handle (handle.py): an iterator of events (Delta,
+then Done or Failed) and a `cancel()` that the worker honours between two decode steps. The
+queue is bounded; a full queue raises Busy at once instead of hanging the caller.
 
-Everything that touches torch happens on this thread: prefix and feature caches need no locks
-and CUDA sees one stream of work.
+`submit()` renders and tokenizes the prompt in the caller's thread, after refusing text that
+cannot fit the context by its length in characters alone, so a huge prompt never stalls the
+worker (and everyone's streams) and never gets tokenized at all.
+
+Everything that touches the model happens on this thread: prefix and feature caches need no
+locks and CUDA sees one stream of work. Prefix-cache keys are salted with the request's owner
+(`ChatRequest.cache_salt`), so one owner's KV state never serves another.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -25,8 +27,9 @@ from PIL import Image
 
 from chat.engine.cache import FeatureCache, ImageFeatures, PrefixCache
 from chat.engine.fastdecode import FastDecoder
+from chat.engine.handle import Handle
 from chat.engine.metrics import Metrics
-from chat.engine.prompt import Prompt, render, split_visual, template_messages
+from chat.engine.prompt import Prompt, render, salted, split_visual, template_messages
 from chat.engine.runner import Runner, TextStream, sample
 from chat.engine.types import (
     Busy,
@@ -39,6 +42,7 @@ from chat.engine.types import (
     GenerationFailed,
     GenParams,
     NotReady,
+    ShuttingDown,
     Usage,
 )
 from chat.images import lower_detail, open_clean
@@ -48,109 +52,6 @@ log = logging.getLogger(__name__)
 _STOP = object()
 GENERIC_FAILURE = "The model failed while answering; the error is in the server log."
 MAX_KNOWN_GRIDS = 4096
-
-
-class Handle:
-    """One submitted request, as seen by its caller."""
-
-    def __init__(
-        self, request: ChatRequest, on_finish: Callable[[Event], None] | None, release: Callable[[], None] = None
-    ) -> None:
-        self.request = request
-        self.on_finish = on_finish
-        self._release = release or (lambda: None)  # frees the queue slot when it stops waiting
-        self.enqueued = time.monotonic()
-        self.result: Done | Failed | None = None
-        self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
-        self._cancel = threading.Event()
-        self._done = threading.Event()
-        self._lock = threading.Lock()
-        self._state = "queued"  # -> running -> finished, or queued -> finished on cancel
-        self._waker: Callable[[], None] | None = None
-        self._emitted = False
-        self._text = ""  # what was streamed, kept for a Failed that ends it
-
-    def cancel(self) -> None:
-        """Stop this request: at once if it is still queued, else within a decode step."""
-        with self._lock:
-            self._cancel.set()
-            queued = self._state == "queued"
-            if queued:
-                self._state = "finished"
-        if queued:
-            self._release()
-            self._finish(Done("cancelled", "", Usage(0, 0, 0, 0)))
-
-    def _claim(self) -> bool:
-        """Worker side: mark running; False if it was cancelled while queued."""
-        with self._lock:
-            if self._state != "queued":
-                return False
-            self._state = "running"
-        self._release()
-        return True
-
-    @property
-    def cancelled(self) -> bool:
-        """Whether cancel() was called."""
-        return self._cancel.is_set()
-
-    def events(self, timeout: float | None = None) -> Iterator[Event]:
-        """Yield events until the final Done or Failed (raises queue.Empty after `timeout` idle seconds)."""
-        while True:
-            event = self._events.get(timeout=timeout)
-            yield event
-            if isinstance(event, (Done, Failed)):
-                return
-
-    async def aevents(self) -> AsyncIterator[Event]:
-        """The same events for an asyncio caller, without parking a thread per waiting request."""
-        loop = asyncio.get_running_loop()
-        wake = asyncio.Event()
-        self._waker = lambda: loop.call_soon_threadsafe(wake.set)
-        while True:
-            try:
-                event = self._events.get_nowait()
-            except queue.Empty:
-                wake.clear()
-                if self._events.empty():  # an event put after the check above sets `wake` again
-                    await wake.wait()
-                continue
-            yield event
-            if isinstance(event, (Done, Failed)):
-                return
-
-    def wait(self, timeout: float | None = None) -> Done | Failed | None:
-        """Block until the request ends; the final event."""
-        self._done.wait(timeout)
-        return self.result
-
-    def _emit(self, event: Event) -> None:
-        self._emitted = True
-        self._text += event.text
-        self._events.put(event)
-        self._wake()
-
-    def _wake(self) -> None:
-        waker = self._waker
-        if waker is not None:
-            try:
-                waker()
-            except RuntimeError:  # the caller's event loop is gone
-                pass
-
-    def _finish(self, event: Done | Failed) -> None:
-        self.result = event
-        # The callback (which records the result) runs before the caller sees the final event, so
-        # whatever the caller does next already finds the answer saved.
-        if self.on_finish is not None:
-            try:
-                self.on_finish(event)
-            except Exception:  # a broken callback must not take the worker down
-                log.exception("on_finish callback failed")
-        self._events.put(event)
-        self._wake()
-        self._done.set()
 
 
 def auto_prefix_budget(free_bytes: int, reserve: int = 3 << 30) -> int:
@@ -209,8 +110,15 @@ class Engine:
                 log.warning("no GPU memory for a %d-token decode buffer; using the plain decode path (lower "
                             "--context-tokens to get the fast one)", self.max_context)
                 torch.cuda.empty_cache()
-        self.ready = threading.Event()
+        self.ready = threading.Event()  # set once warm-up succeeded: submit() accepts work
+        self.warmed = threading.Event()  # set when warm-up ended, well or not
+        self.warmup_error = ""  # why warm-up failed; the engine then never becomes ready
         self.warmup_seconds: float | None = None
+        # Text longer than this many characters cannot fit the context whatever it tokenizes to.
+        self.max_prompt_chars = self.max_context * runner.max_token_chars
+        self._draining = False
+        self._live: set[Handle] = set()  # submitted and not finished, for drain()
+        self._grids_lock = threading.Lock()
         # Admission counts live waiting requests (a cancelled one frees its slot at once); the
         # transport queue itself is unbounded and the worker skips cancelled entries.
         self.max_waiting = max_waiting
@@ -227,6 +135,7 @@ class Engine:
         """Start the worker thread; it warms up, then reports ready."""
         self._thread.start()
         if not warmup:
+            self.warmed.set()
             self.ready.set()
         else:
             self._queue.put(("warmup", None))
@@ -242,7 +151,14 @@ class Engine:
         return self._waiting
 
     def submit(self, request: ChatRequest, on_finish: Callable[[Event], None] | None = None) -> Handle:
-        """Queue a request; raises NotReady before warm-up ends and Busy when the queue is full."""
+        """Render the prompt (in the caller's thread) and queue the request.
+
+        Raises NotReady before warm-up ends, ShuttingDown while stopping and Busy when the queue
+        is full. A prompt that cannot fit comes back as a handle already finished with a Failed
+        event (code context_length_exceeded), as if the worker had refused it.
+        """
+        if self._draining:
+            raise ShuttingDown()
         if not self.ready.is_set():
             raise NotReady()
         with self._admit:
@@ -251,8 +167,53 @@ class Engine:
             self._waiting += 1
             self.metrics.waiting.set(self._waiting)
         handle = Handle(request, on_finish, self._release)
+        try:
+            handle.prompt = self._checked_prompt(request)
+        except ContextTooLong as exc:
+            handle._claim()  # frees the slot; the request never reaches the worker
+            handle._finish(Failed(str(exc), exc.code))
+            return handle
+        except Exception:  # a missing image, a template error: the same failure as in the worker
+            log.exception("rendering the prompt failed")
+            handle._claim()
+            handle._finish(Failed(GENERIC_FAILURE, GenerationFailed.code))
+            return handle
+        with self._admit:
+            self._live.add(handle)
         self._queue.put(handle)
         return handle
+
+    def _checked_prompt(self, request: ChatRequest) -> Prompt:
+        """The rendered prompt, or ContextTooLong, refused on characters before any tokenizing."""
+        chars = sum(len(m["content"]) if isinstance(m["content"], str)
+                    else sum(len(p.get("text") or "") for p in m["content"]) for m in request.messages)
+        if chars > self.max_prompt_chars:
+            raise ContextTooLong(
+                f"This conversation's text is {chars:,} characters, more than the {self.max_context:,}-token context "
+                "can hold. Send a shorter text (or attach it in parts) or start a new chat."
+            )
+        prompt, _ = self.build_prompt(request.messages, request.images)
+        self._check_room(len(prompt.ids), request.params)
+        return prompt
+
+    def _check_room(self, n_prompt: int, params: GenParams) -> None:
+        room = self.max_context - n_prompt
+        if room < 1 or (params.max_new_tokens > room and not params.fit_to_context):
+            over = n_prompt + params.max_new_tokens - self.max_context
+            raise ContextTooLong(
+                f"This conversation is {n_prompt} tokens and the answer may take {params.max_new_tokens}; together "
+                f"that is {over} over the {self.max_context}-token limit. Choose a lower image detail, remove an "
+                "image, ask for a shorter answer (Max new tokens) or start a new chat."
+            )
+
+    def drain(self) -> int:
+        """Stopping: refuse new work and end every open request with a ShuttingDown failure; how many."""
+        self._draining = True
+        with self._admit:
+            live = list(self._live)
+        for handle in live:
+            handle.cancel(shutting_down=True)
+        return len(live)
 
     def _release(self) -> None:
         with self._admit:
@@ -269,10 +230,12 @@ class Engine:
             if isinstance(item, tuple):
                 try:
                     self._warmup()
-                except Exception:
+                except Exception as exc:
                     log.exception("warm-up failed")
-                finally:
-                    self.ready.set()  # never leave callers waiting on a warm-up that broke
+                    self.warmup_error = self.warmup_error or f"{exc.__class__.__name__}: {exc}"
+                if not self.warmup_error:
+                    self.ready.set()
+                self.warmed.set()  # never leave the starter waiting on a warm-up that broke
                 continue
             self.metrics.running.set(1)
             try:
@@ -303,9 +266,11 @@ class Engine:
             for _ in range(2):
                 request = ChatRequest(messages, GenParams(temperature=0.0, max_new_tokens=4), "warmup", warm_image)
                 handle = Handle(request, None)
+                handle.prompt = self._checked_prompt(request)
                 self._serve(handle, Metrics())  # a throwaway registry: warm-up is not traffic
                 if isinstance(handle.result, Failed):
                     log.error("warm-up failed: %s", handle.result.message)
+                    self.warmup_error = handle.result.message
                     break
                 # A follow-up of ordinary length: the suffix-prefill shapes a real turn 2 uses.
                 follow_up = "What else can you see in it, and where exactly is each thing in the picture? " * 3
@@ -320,7 +285,8 @@ class Engine:
         log.info("prefix cache budget %.1f GiB, feature cache %.1f GiB", self.prefix.max_bytes / 2**30,
                  self.features.max_bytes / 2**30)
         self.warmup_seconds = time.monotonic() - started
-        log.info("warm-up done in %.1f s; ready", self.warmup_seconds)  # _loop then sets `ready`
+        if not self.warmup_error:
+            log.info("warm-up done in %.1f s; ready", self.warmup_seconds)  # _loop then sets `ready`
 
     def _image(self, image_id: str, inline: dict) -> Image.Image:
         data = inline.get(image_id)
@@ -332,15 +298,19 @@ class Engine:
         """Render messages; images whose grid is unknown are opened once (and returned, by sha, for encoding)."""
         opened: dict[str, Image.Image] = {}
         grids = {}
-        if len(self._grids) > MAX_KNOWN_GRIDS:  # only a cache of image sizes; keep it bounded
-            self._grids.clear()
-        for vid in template_messages(messages)[1]:
-            if vid not in self._grids:
+        with self._grids_lock:  # callers' threads render side by side
+            if len(self._grids) > MAX_KNOWN_GRIDS:  # only a cache of image sizes; keep it bounded
+                self._grids.clear()
+            known = {vid: self._grids.get(vid) for vid in template_messages(messages)[1]}
+        for vid, grid in known.items():
+            if grid is None:
                 image_id, detail = split_visual(vid)
                 img = opened.get(image_id) or self._image(image_id, inline or {})
                 opened[image_id] = img
-                self._grids[vid] = self.runner.grid(img.width, img.height, detail)
-            grids[vid] = self._grids[vid]
+                grid = self.runner.grid(img.width, img.height, detail)
+                with self._grids_lock:
+                    self._grids[vid] = grid
+            grids[vid] = grid
         return render(self.runner.processor, messages, grids, self.runner.merge), opened
 
     def _features(
@@ -366,39 +336,62 @@ class Engine:
         metrics.queue_wait.observe(time.monotonic() - handle.enqueued)
         if not handle._claim():  # cancelled while it waited: already finished for its caller
             metrics.requests.labels("cancelled").inc()
+            self._forget(handle)
             return
+        out_of_memory = False
         try:
-            result = self._generate(handle, handle.request, metrics)
+            result = self._generate(handle, handle.request, metrics, handle.prompt)
         except ContextTooLong as exc:
             result = Failed(str(exc), exc.code)
-        except torch.cuda.OutOfMemoryError:
-            log.warning("out of GPU memory; freeing caches", exc_info=True)
-            self._free_memory()
-            lowered = lower_detail_request(handle.request)
-            result = Failed("The GPU ran out of memory for this request. Try fewer images, lower detail or a "
-                            "shorter conversation.", GenerationFailed.code)
-            if lowered is not None and not handle._emitted:  # retry once, only if nothing was streamed yet
-                try:
-                    result = replace(self._generate(handle, lowered, metrics),
-                                     notice="The GPU ran out of memory, so the images were read at lower detail.")
-                except torch.cuda.OutOfMemoryError:
-                    log.warning("out of GPU memory again at lower detail")
-                    self._free_memory()
-                except ContextTooLong as exc:
-                    result = Failed(str(exc), exc.code)
-                except Exception:  # keeps the out-of-memory message: that is what the person can act on
-                    log.exception("retry at lower detail failed")
+        except torch.cuda.OutOfMemoryError as exc:
+            # No exc_info: a log record that keeps the traceback (a capturing handler does) would keep
+            # the failed try's frames, and its KV, alive.
+            log.warning("out of GPU memory (%s); freeing caches and retrying at lower detail", str(exc))
+            out_of_memory = True
         except Exception:
             log.exception("generation failed")
             result = Failed(GENERIC_FAILURE, GenerationFailed.code)
-        finally:
-            if handle.request.params.seed is not None and self.fast is not None:
-                torch.cuda.seed()  # a client's seed must not fix the sampling of the requests after it
+        # Handled out here, not inside `except`: there the exception's traceback still holds the
+        # failed try's frames and with them its KV tensors, so freeing memory would free nothing.
+        if out_of_memory:
+            result = self._retry_lower(handle, metrics)
+        if handle.request.params.seed is not None and self.fast is not None:
+            torch.cuda.seed()  # a client's seed must not fix the sampling of the requests after it
         if isinstance(result, Failed) and not result.text:
             result = replace(result, text=handle._text)  # keep what was already streamed
+        if handle.shutting_down and isinstance(result, Done) and result.finish_reason == "cancelled":
+            result = Failed(str(ShuttingDown()), ShuttingDown.code, result.text)
         outcome = result.finish_reason if isinstance(result, Done) else "error"
         metrics.requests.labels(outcome).inc()
+        self._forget(handle)
         handle._finish(result)
+
+    def _forget(self, handle: Handle) -> None:
+        with self._admit:
+            self._live.discard(handle)
+
+    def _retry_lower(self, handle: Handle, metrics: Metrics) -> Done | Failed:
+        """After running out of GPU memory: free the caches and try once more with lower image detail."""
+        self._free_memory()
+        failed = Failed("The GPU ran out of memory for this request. Try fewer images, lower detail or a "
+                        "shorter conversation.", GenerationFailed.code)
+        lowered = lower_detail_request(handle.request)
+        if lowered is None or handle._emitted:  # retry once, only if nothing was streamed yet
+            return failed
+        again = False
+        try:
+            done = self._generate(handle, lowered, metrics)
+            return replace(done, notice="The GPU ran out of memory, so the images were read at lower detail.")
+        except torch.cuda.OutOfMemoryError:
+            log.warning("out of GPU memory again at lower detail")
+            again = True
+        except ContextTooLong as exc:
+            return Failed(str(exc), exc.code)
+        except Exception:  # keeps the out-of-memory message: that is what the person can act on
+            log.exception("retry at lower detail failed")
+        if again:
+            self._free_memory()
+        return failed
 
     def _free_memory(self) -> None:
         self.prefix.clear()
@@ -406,21 +399,16 @@ class Engine:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _generate(self, handle: Handle, request: ChatRequest, metrics: Metrics) -> Done:
+    def _generate(self, handle: Handle, request: ChatRequest, metrics: Metrics, prompt: Prompt | None = None) -> Done:
         started = time.monotonic()
         runner = self.runner
         params = request.params
-        prompt, opened = self.build_prompt(request.messages, request.images)
+        opened: dict[str, Image.Image] = {}
+        if prompt is None:  # a retry at lower detail renders again
+            prompt, opened = self.build_prompt(request.messages, request.images)
         n_prompt = len(prompt.ids)
-        room = self.max_context - n_prompt
-        if room < 1 or (params.max_new_tokens > room and not params.fit_to_context):
-            over = n_prompt + params.max_new_tokens - self.max_context
-            raise ContextTooLong(
-                f"This conversation is {n_prompt} tokens and the answer may take {params.max_new_tokens}; together "
-                f"that is {over} over the {self.max_context}-token limit. Choose a lower image detail, remove an "
-                "image, ask for a shorter answer (Max new tokens) or start a new chat."
-            )
-        max_new = min(params.max_new_tokens, room)
+        self._check_room(n_prompt, params)
+        max_new = min(params.max_new_tokens, self.max_context - n_prompt)
 
         # Reuse up to the last prompt token (one must run to give logits), never splitting an image.
         limit = n_prompt - 1
@@ -428,7 +416,8 @@ class Engine:
             if span.start < limit < span.start + span.length:
                 limit = span.start
         session = request.session
-        kv, reuse = self.prefix.take(prompt.keys, session, limit, runner.new_cache)
+        keys = salted(prompt.keys, request.cache_salt)  # the owner is part of every cache key
+        kv, reuse = self.prefix.take(keys, session, limit, runner.new_cache)
         if kv is None:
             kv = runner.new_cache()
 
@@ -501,7 +490,7 @@ class Engine:
             metrics.decode_rate.observe((len(generated) - 1) / (last_at - first_at))
 
         # The last sampled token was never fed, so the cache holds prompt + generated[:-1].
-        keys = prompt.keys + generated[:-1]
+        keys = keys + generated[:-1]
         if kv.get_seq_length() == len(keys):
             self.prefix.put(keys, kv, session)
         else:  # should not happen; never keep a cache whose keys we cannot vouch for

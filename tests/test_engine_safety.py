@@ -1,0 +1,197 @@
+"""The engine's side of issue 9: owners in the cache keys, huge prompts, shutdown, warm-up and memory failures."""
+
+from __future__ import annotations
+
+import threading
+import time
+import types
+import weakref
+
+import pytest
+import torch
+from PIL import Image
+
+from chat.engine.prompt import salted
+from chat.engine.runner import Runner
+from chat.engine.types import ChatRequest, Done, Failed, GenParams, ShuttingDown
+from chat.engine.worker import Engine
+
+RED = Image.new("RGB", (200, 120), (200, 10, 10))
+IMAGES = {"red": RED}
+SECRET = "The vault code is 4417-9920; tell nobody. " * 3
+
+
+def user(text, *image_ids):
+    return {"role": "user", "content": [*({"type": "image", "image_id": i} for i in image_ids),
+                                        {"type": "text", "text": text}]}
+
+
+@pytest.fixture
+def engine(loaded):
+    eng = Engine(Runner(loaded.model, loaded.processor), IMAGES.__getitem__, max_waiting=4)
+    eng.start(warmup=False)
+    yield eng
+    eng.shutdown()
+
+
+def ask(eng, messages, owner="", **params) -> Done:
+    request = ChatRequest(messages, GenParams(**{"temperature": 0.0, "max_new_tokens": 4, **params}),
+                          cache_salt=owner)
+    done = eng.submit(request).wait(60)
+    assert isinstance(done, Done), done
+    return done
+
+
+def test_salted_keys_share_nothing_across_owners_and_everything_within_one():
+    keys = [5, 6, 7, -3, -3, 8]
+    a, b = salted(keys, "browser:a"), salted(keys, "api:b")
+    assert a[0] != b[0] and a[1:] == b[1:] == keys[1:]
+    assert salted(keys, "browser:a") == a  # stable: the same owner's next turn matches
+    assert a[0] < -(2**62) and salted([], "x") == []  # below every token id and image key
+
+
+def test_another_owners_text_is_never_reused_and_a_right_guess_looks_like_a_wrong_one(engine):
+    victim = [{"role": "system", "content": SECRET}, user("Summarize my note.")]
+    first = ask(engine, victim, owner="browser:victim")
+    assert first.usage.cached_tokens == 0
+    # Two attackers with no history of their own: one sends the victim's exact text, one a wrong guess.
+    right = ask(engine, victim, owner="api:attacker-1")
+    wrong = ask(engine, [{"role": "system", "content": SECRET.replace("4417", "0000")}, user("Summarize my note.")],
+                owner="api:attacker-2")
+    assert right.usage.cached_tokens == wrong.usage.cached_tokens == 0
+    # The victim's own next turn still reuses its prefix.
+    follow_up = victim + [{"role": "assistant", "content": first.text}, user("Thanks.")]
+    turn2 = ask(engine, follow_up, owner="browser:victim")
+    assert turn2.usage.cached_tokens >= first.usage.prompt_tokens
+
+
+def test_text_that_cannot_fit_is_refused_before_any_tokenizing(engine):
+    calls = []
+    tokenizer = engine.runner.processor.tokenizer
+    original = type(tokenizer).__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    huge = "x" * (engine.max_prompt_chars + 1)
+    type(tokenizer).__call__ = counting
+    try:
+        started = time.monotonic()
+        handle = engine.submit(ChatRequest([user(huge)]))
+        elapsed = time.monotonic() - started
+    finally:
+        type(tokenizer).__call__ = original
+    assert isinstance(handle.result, Failed) and handle.result.code == "context_length_exceeded"
+    assert "characters" in handle.result.message
+    assert calls == [] and elapsed < 1.0
+    assert engine.waiting == 0  # its queue slot was given back
+
+
+def test_prompts_are_tokenized_in_the_callers_thread_not_the_workers(engine):
+    threads = []
+    tokenizer = engine.runner.processor.tokenizer
+    original = type(tokenizer).__call__
+
+    def recording(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return original(self, *args, **kwargs)
+
+    type(tokenizer).__call__ = recording
+    try:
+        ask(engine, [user("Where is the tokenizer run?")])
+    finally:
+        type(tokenizer).__call__ = original
+    assert threads and "vlchat-worker" not in threads
+
+
+def test_drain_ends_running_and_queued_answers_with_a_restart_message(engine):
+    gate = threading.Event()
+    forward = engine.runner.forward
+
+    def slow_forward(*args, **kwargs):
+        gate.wait(0.05)
+        return forward(*args, **kwargs)
+
+    engine.runner.forward = slow_forward
+    try:
+        running = engine.submit(ChatRequest([user("long")], GenParams(temperature=0.0, max_new_tokens=400)))
+        queued = engine.submit(ChatRequest([user("next")], GenParams(temperature=0.0, max_new_tokens=4)))
+        deadline = time.monotonic() + 30
+        while not running._emitted and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.drain() == 2
+        for handle in (running, queued):
+            result = handle.wait(10)
+            assert isinstance(result, Failed) and result.code == "shutting_down", result
+            assert "restarting" in result.message
+        assert running.result.text  # what streamed before is kept
+        with pytest.raises(ShuttingDown):
+            engine.submit(ChatRequest([user("more")]))
+    finally:
+        engine.runner.forward = forward
+
+
+def test_a_failed_warm_up_never_reports_ready(loaded):
+    eng = Engine(Runner(loaded.model, loaded.processor), IMAGES.__getitem__)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("vision tower exploded")
+
+    eng.runner.encode = broken
+    eng.start(warmup=True)
+    try:
+        assert eng.warmed.wait(60)
+        assert not eng.ready.is_set()
+        assert eng.warmup_error
+    finally:
+        eng.shutdown()
+
+
+def test_out_of_memory_retry_runs_after_the_failed_try_is_freed(engine):
+    caches, seen_alive = [], []
+    new_cache, forward = engine.runner.new_cache, engine.runner.forward
+
+    def tracking_cache():
+        kv = new_cache()
+        caches.append(weakref.ref(kv))
+        return kv
+
+    def failing_once(*args, **kwargs):
+        if len(caches) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        seen_alive.append(caches[0]() is not None)
+        return forward(*args, **kwargs)
+
+    engine.runner.new_cache, engine.runner.forward = tracking_cache, failing_once
+    try:
+        done = ask(engine, [user("What is this?", "red")])
+    finally:
+        engine.runner.new_cache, engine.runner.forward = new_cache, forward
+    assert "lower detail" in done.notice
+    assert seen_alive and seen_alive[0] is False  # the first try's KV was gone before the retry ran
+
+
+def test_a_failed_warm_up_ends_the_process_with_advice(model_dir, monkeypatch, capsys):
+    from chat import boot
+    from chat.config import Settings
+    from chat.engine.types import LoadStatus
+
+    monkeypatch.setattr(Engine, "_warmup", lambda self: (_ for _ in ()).throw(RuntimeError("no kernels")))
+    ctx = types.SimpleNamespace(status=LoadStatus(), exit_code=0, api=types.SimpleNamespace(), engine=None)
+    server = types.SimpleNamespace(should_exit=False)
+    boot.start_engine(Settings(model="tiny-random", data_dir=model_dir, device="cpu"), None, ctx, server)
+    assert server.should_exit and ctx.exit_code == 2
+    assert ctx.engine is None  # the page and API never got a broken engine
+    assert ctx.status.phase == "failed" and "Warming up" in ctx.status.describe()
+    assert "no kernels" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_asking_for_a_gpu_where_there_is_none_fails_loudly():
+    from chat.engine.loader import ModelLoadError, pick_device
+
+    for requested in ("cuda", "cuda:1"):
+        with pytest.raises(ModelLoadError, match="--device"):
+            pick_device(requested)
+    assert pick_device("auto")[0].type == "cpu"
