@@ -25,9 +25,9 @@ def _fail(ctx, server, message: str) -> None:
 
 def start_engine(settings: Settings, store, ctx, server) -> None:
     """Load the model, start the worker and hand it to the page; on failure stop the server."""
+    from chat.engine.engine import Engine
     from chat.engine.loader import ModelLoadError, load
     from chat.engine.runner import Runner
-    from chat.engine.worker import Engine
     from chat.images import open_clean
 
     status = ctx.status
@@ -39,9 +39,11 @@ def start_engine(settings: Settings, store, ctx, server) -> None:
             lambda image_id: open_clean(store.image_bytes(image_id)),
             max_waiting=settings.max_waiting,
             max_context=settings.context_tokens,
-            prefix_entries=settings.prefix_cache_entries,
-            prefix_bytes=settings.prefix_cache_mb << 20,
+            kv_cache_bytes=getattr(settings, "kv_cache_mb", 0) << 20,
             feature_bytes=settings.feature_cache_mb << 20,
+            max_batch_tokens=getattr(settings, "max_batch_tokens", 1024),
+            max_running=getattr(settings, "max_running", 64),
+            max_running_per_owner=getattr(settings, "max_running_per_owner", 16),
         )
     except Exception as exc:  # whatever it is, the server must not sit at "loading" forever
         first = (str(exc).strip().splitlines() or [""])[0]

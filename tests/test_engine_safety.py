@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from chat.engine.prompt import salted
+from chat.engine.engine import Engine
+from chat.engine.kv import chain_hashes
 from chat.engine.runner import Runner
 from chat.engine.types import ChatRequest, Done, Failed, GenParams, ShuttingDown
-from chat.engine.worker import Engine
 
 RED = Image.new("RGB", (200, 120), (200, 10, 10))
 IMAGES = {"red": RED}
@@ -42,12 +42,14 @@ def ask(eng, messages, owner="", **params) -> Done:
     return done
 
 
-def test_salted_keys_share_nothing_across_owners_and_everything_within_one():
-    keys = [5, 6, 7, -3, -3, 8]
-    a, b = salted(keys, "browser:a"), salted(keys, "api:b")
-    assert a[0] != b[0] and a[1:] == b[1:] == keys[1:]
-    assert salted(keys, "browser:a") == a  # stable: the same owner's next turn matches
-    assert a[0] < -(2**62) and salted([], "x") == []  # below every token id and image key
+def test_block_names_share_nothing_across_owners_and_everything_within_one():
+    keys = list(range(40))
+    a, b = chain_hashes("browser:a", keys, 16), chain_hashes("api:b", keys, 16)
+    assert len(a) == len(b) == 2  # full blocks only
+    assert not set(a) & set(b)
+    assert chain_hashes("browser:a", keys, 16) == a  # stable: the same owner's next turn matches
+    assert chain_hashes("browser:a", keys[:16] + [99] * 16, 16)[0] == a[0]  # a chain: equal until keys differ
+    assert chain_hashes("browser:a", [99] + keys[1:], 16)[1] != a[1]
 
 
 def test_another_owners_text_is_never_reused_and_a_right_guess_looks_like_a_wrong_one(engine):
@@ -107,13 +109,13 @@ def test_prompts_are_tokenized_in_the_callers_thread_not_the_workers(engine):
 
 def test_drain_ends_running_and_queued_answers_with_a_restart_message(engine):
     gate = threading.Event()
-    forward = engine.runner.forward
+    forward = engine.step_runner.forward
 
     def slow_forward(*args, **kwargs):
         gate.wait(0.05)
         return forward(*args, **kwargs)
 
-    engine.runner.forward = slow_forward
+    engine.step_runner.forward = slow_forward
     try:
         running = engine.submit(ChatRequest([user("long")], GenParams(temperature=0.0, max_new_tokens=400)))
         queued = engine.submit(ChatRequest([user("next")], GenParams(temperature=0.0, max_new_tokens=4)))
@@ -129,7 +131,7 @@ def test_drain_ends_running_and_queued_answers_with_a_restart_message(engine):
         with pytest.raises(ShuttingDown):
             engine.submit(ChatRequest([user("more")]))
     finally:
-        engine.runner.forward = forward
+        engine.step_runner.forward = forward
 
 
 def test_a_failed_warm_up_never_reports_ready(loaded):
@@ -149,27 +151,24 @@ def test_a_failed_warm_up_never_reports_ready(loaded):
 
 
 def test_out_of_memory_retry_runs_after_the_failed_try_is_freed(engine):
-    caches, seen_alive = [], []
-    new_cache, forward = engine.runner.new_cache, engine.runner.forward
+    alive = []
+    forward = engine.step_runner.forward
 
-    def tracking_cache():
-        kv = new_cache()
-        caches.append(weakref.ref(kv))
-        return kv
-
-    def failing_once(*args, **kwargs):
-        if len(caches) == 1:
+    def failing_once(batch):
+        if not alive:
+            scratch = torch.empty(1 << 20)  # stands for the failed try's activations
+            alive.append(weakref.ref(scratch))
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        seen_alive.append(caches[0]() is not None)
-        return forward(*args, **kwargs)
+        alive.append(alive[0]() is not None)
+        return forward(batch)
 
-    engine.runner.new_cache, engine.runner.forward = tracking_cache, failing_once
+    engine.step_runner.forward = failing_once
     try:
         done = ask(engine, [user("What is this?", "red")])
     finally:
-        engine.runner.new_cache, engine.runner.forward = new_cache, forward
+        engine.step_runner.forward = forward
     assert "lower detail" in done.notice
-    assert seen_alive and seen_alive[0] is False  # the first try's KV was gone before the retry ran
+    assert alive[1] is False  # the failed try's memory was gone before the retry ran
 
 
 def test_a_failed_warm_up_ends_the_process_with_advice(model_dir, monkeypatch, capsys):

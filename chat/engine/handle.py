@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
-from chat.engine.types import ChatRequest, Done, Event, Failed, ShuttingDown, Usage
+from chat.engine.types import ChatRequest, Delta, Done, Event, Failed, ShuttingDown, Usage
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,9 @@ class Handle:
         self._text += event.text
         self._events.put(event)
         self._wake()
+
+    def _emit_text(self, text: str) -> None:
+        self._emit(Delta(text))
 
     def _wake(self) -> None:
         waker = self._waker

@@ -17,14 +17,27 @@ class Metrics:
         self.images_encoded = Counter("vlchat_images_encoded", "Vision-encoder runs, counted per image.", registry=r)
         self.prompt_tokens = Counter("vlchat_prompt_tokens", "Prompt tokens of all requests.", registry=r)
         self.cached_prompt_tokens = Counter(
-            "vlchat_cached_prompt_tokens", "Prompt tokens reused from the prefix cache (not recomputed).", registry=r
+            "vlchat_cached_prompt_tokens", "Prompt tokens reused from the prefix cache (prefix-cache hits).",
+            registry=r,
         )
         self.generated_tokens = Counter("vlchat_generated_tokens", "Tokens generated.", registry=r)
         self.requests = Counter("vlchat_requests", "Finished requests by outcome.", ["outcome"], registry=r)
-        self.waiting = Gauge("vlchat_requests_waiting", "Requests queued for the worker.", registry=r)
-        self.running = Gauge("vlchat_requests_running", "Requests being generated.", registry=r)
+        self.waiting = Gauge("vlchat_requests_waiting", "Requests waiting to join the running batch.", registry=r)
+        self.running = Gauge("vlchat_requests_running", "Requests in the running batch.", registry=r)
+        self.batch_tokens = Histogram(
+            "vlchat_batch_tokens", "Tokens in each step's packed batch.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192), registry=r,
+        )
+        self.kv_blocks_used = Gauge("vlchat_kv_blocks_used", "KV blocks held by running requests.", registry=r)
+        self.kv_blocks_total = Gauge("vlchat_kv_blocks_total", "KV blocks in the pool.", registry=r)
+        self.kv_blocks_cached = Gauge(
+            "vlchat_kv_blocks_cached", "KV blocks kept for prefix reuse with no request using them.", registry=r
+        )
+        self.preemptions = Counter(
+            "vlchat_preemptions", "Requests preempted for lack of KV blocks (recomputed later).", registry=r
+        )
         self.ttft = Histogram(
-            "vlchat_time_to_first_token_seconds", "From dequeue to the first token.", buckets=_LATENCY_BUCKETS,
+            "vlchat_time_to_first_token_seconds", "From submission to the first token.", buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.queue_wait = Histogram(

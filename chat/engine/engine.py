@@ -1,0 +1,420 @@
+"""The local engine: one thread that owns the model and serves every request in one running batch.
+
+Callers `submit()` a ChatRequest and get a Handle (handle.py): events (Delta, then Done or
+Failed) and `cancel()`. `submit()` renders and tokenizes the prompt in the caller's thread,
+after refusing text too long for the context by its length alone, so a huge prompt never
+stalls the worker. The queue of requests not yet running is bounded (Busy at once when full).
+
+The loop, one step at a time (continuous batching):
+    take new requests -> drop cancelled ones (their blocks go back at once) -> the scheduler
+    plans the step (every decoding sequence's next token plus prefill chunks, under a token
+    budget) -> images reached by a prefill chunk are encoded (or found in the features cache)
+    -> one packed forward over the paged KV pool -> one batched sample -> tokens become text
+    -> events; finished sequences give their blocks back (full ones stay cached by name).
+Nobody waits for another answer to finish. Prefix reuse is block-level and owner-salted
+(kv.py), so turn 2 of a conversation computes only its new tokens, and only for its owner.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+from PIL import Image
+
+from chat.engine.batch import pack
+from chat.engine.features import Vision
+from chat.engine.handle import Handle
+from chat.engine.kv import BlockPool, KVTensors
+from chat.engine.metrics import Metrics
+from chat.engine.prompt import Prompt, render, split_visual, template_messages
+from chat.engine.sampling import sample
+from chat.engine.scheduler import Scheduler, StepPlan
+from chat.engine.sequence import Sequence
+from chat.engine.step import ModelStep
+from chat.engine.types import (
+    Busy,
+    ChatRequest,
+    ContextTooLong,
+    Done,
+    Event,
+    Failed,
+    GenerationFailed,
+    NotReady,
+    ShuttingDown,
+    Usage,
+)
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+_WARMUP = object()
+GENERIC_FAILURE = "The model failed while answering; the error is in the server log."
+OUT_OF_MEMORY = "The GPU ran out of memory for this request. Try fewer images, lower detail or a shorter conversation."
+MAX_KNOWN_GRIDS = 4096
+BLOCK_SIZE = 16
+
+
+def pool_blocks(kv_bytes: int, block_bytes: int, max_context: int, block_size: int) -> int:
+    """Blocks for a pool of `kv_bytes`, never fewer than one full-length conversation needs (plus scratch)."""
+    return max(kv_bytes // block_bytes, -(-max_context // block_size) + 2)
+
+
+class Engine:
+    """The shared model worker used by both the page and the API."""
+
+    def __init__(
+        self,
+        runner,
+        fetch_image: Callable[[str], Image.Image],
+        *,
+        max_waiting: int = 16,
+        max_context: int = 32768,
+        kv_cache_bytes: int = 0,
+        feature_bytes: int = 1 << 30,
+        max_batch_tokens: int = 1024,
+        max_running: int = 64,
+        max_running_per_owner: int = 16,
+        block_size: int = BLOCK_SIZE,
+    ) -> None:
+        self.runner = runner
+        self.metrics = Metrics()
+        self.max_context = min(max_context, runner.max_context)
+        self.max_prompt_chars = self.max_context * runner.max_token_chars
+        self.vision = Vision(runner, fetch_image, feature_bytes)
+        model = runner.model
+        cfg = model.config.get_text_config()
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        dtype = next(model.parameters()).dtype
+        shape = (cfg.num_hidden_layers, block_size, cfg.num_key_value_heads, head_dim)
+        block_bytes = KVTensors.block_bytes(*shape, dtype)
+        if kv_cache_bytes <= 0:
+            kv_cache_bytes = self._auto_kv_bytes(runner.device)
+        blocks = pool_blocks(kv_cache_bytes, block_bytes, self.max_context, block_size)
+        self.kv = KVTensors(shape[0], blocks, block_size, shape[2], shape[3], dtype, runner.device)
+        self.pool = BlockPool(blocks, block_size)
+        self.scheduler = Scheduler(self.pool, max_batch_tokens, max_running, max_running_per_owner)
+        self.step_runner = ModelStep(model, self.kv)
+        self.metrics.kv_blocks_total.set(self.pool.total)
+        log.info("KV pool: %d blocks of %d tokens (%.2f GiB); up to %d tokens per step, %d running", self.pool.total,
+                 block_size, self.kv.nbytes / 2**30, max_batch_tokens, max_running)
+        self.ready = threading.Event()  # set once warm-up succeeded: submit() accepts work
+        self.warmed = threading.Event()  # set when warm-up ended, well or not
+        self.warmup_error = ""
+        self.warmup_seconds: float | None = None
+        self.max_waiting = max_waiting
+        self._waiting = 0
+        self._admit = threading.Lock()
+        self._queue: queue.Queue = queue.Queue()
+        self._draining = False
+        self._live: set[Handle] = set()
+        self._grids: dict[str, tuple[int, int, int]] = {}
+        self._grids_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="vlchat-worker", daemon=True)
+
+    @staticmethod
+    def _auto_kv_bytes(device: torch.device) -> int:
+        """KV pool size when none is set: most of the free GPU memory (a working reserve kept); 1 GiB on CPU."""
+        if device.type != "cuda":
+            return 1 << 30
+        free = torch.cuda.mem_get_info(device)[0]
+        return max(256 << 20, int((free - (4 << 30)) * 0.9))
+
+    # -- caller side ------------------------------------------------------------------------------
+
+    def start(self, warmup: bool = True) -> None:
+        """Start the worker thread; it warms up, then reports ready."""
+        self._thread.start()
+        if warmup:
+            self._queue.put(_WARMUP)
+        else:
+            self.warmed.set()
+            self.ready.set()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the worker after the step in hand."""
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet in the running batch."""
+        return self._waiting
+
+    def submit(self, request: ChatRequest, on_finish: Callable[[Event], None] | None = None) -> Handle:
+        """Render the prompt (in the caller's thread) and queue the request.
+
+        Raises NotReady before warm-up ends, ShuttingDown while stopping and Busy when the queue
+        is full. A prompt that cannot fit comes back as a handle already finished with a Failed
+        event (code context_length_exceeded).
+        """
+        if self._draining:
+            raise ShuttingDown()
+        if not self.ready.is_set():
+            raise NotReady()
+        return self._enqueue(request, on_finish)
+
+    def _enqueue(self, request: ChatRequest, on_finish) -> Handle:
+        with self._admit:
+            if self._waiting >= self.max_waiting:
+                raise Busy(self._waiting)
+            self._waiting += 1
+            self.metrics.waiting.set(self._waiting)
+        handle = Handle(request, on_finish, self._release)
+        try:
+            handle.prompt = self._checked_prompt(request)
+        except ContextTooLong as exc:
+            handle._claim()  # frees the slot; the request never reaches the worker
+            handle._finish(Failed(str(exc), exc.code))
+            return handle
+        except Exception:  # a missing image, a template error
+            log.exception("rendering the prompt failed")
+            handle._claim()
+            handle._finish(Failed(GENERIC_FAILURE, GenerationFailed.code))
+            return handle
+        with self._admit:
+            self._live.add(handle)
+        self._queue.put(handle)
+        return handle
+
+    def _release(self) -> None:
+        with self._admit:
+            self._waiting -= 1
+            self.metrics.waiting.set(self._waiting)
+
+    def drain(self) -> int:
+        """Stopping: refuse new work and end every open request with a ShuttingDown failure; how many."""
+        self._draining = True
+        with self._admit:
+            live = list(self._live)
+        for handle in live:
+            handle.cancel(shutting_down=True)
+        return len(live)
+
+    def _checked_prompt(self, request: ChatRequest) -> Prompt:
+        """The rendered prompt, or ContextTooLong, refused on characters before any tokenizing."""
+        chars = sum(len(m["content"]) if isinstance(m["content"], str)
+                    else sum(len(p.get("text") or "") for p in m["content"]) for m in request.messages)
+        if chars > self.max_prompt_chars:
+            raise ContextTooLong(
+                f"This conversation's text is {chars:,} characters, more than the {self.max_context:,}-token context "
+                "can hold. Send a shorter text (or attach it in parts) or start a new chat."
+            )
+        prompt = self.build_prompt(request.messages, request.images)
+        n_prompt, params = len(prompt.ids), request.params
+        room = self.max_context - n_prompt
+        if room < 1 or (params.max_new_tokens > room and not params.fit_to_context):
+            over = n_prompt + params.max_new_tokens - self.max_context
+            raise ContextTooLong(
+                f"This conversation is {n_prompt} tokens and the answer may take {params.max_new_tokens}; together "
+                f"that is {over} over the {self.max_context}-token limit. Choose a lower image detail, remove an "
+                "image, ask for a shorter answer (Max new tokens) or start a new chat."
+            )
+        return prompt
+
+    def build_prompt(self, messages: list[dict], inline: dict | None = None) -> Prompt:
+        """Render messages; an image is opened only the first time its size is needed."""
+        grids = {}
+        with self._grids_lock:  # callers' threads render side by side
+            if len(self._grids) > MAX_KNOWN_GRIDS:  # only a cache of image sizes; keep it bounded
+                self._grids.clear()
+            known = {vid: self._grids.get(vid) for vid in template_messages(messages)[1]}
+        for vid, grid in known.items():
+            if grid is None:
+                image_id, detail = split_visual(vid)
+                img = self.vision.image(image_id, inline or {})
+                grid = self.runner.grid(img.width, img.height, detail)
+                with self._grids_lock:
+                    self._grids[vid] = grid
+            grids[vid] = grid
+        return render(self.runner.processor, messages, grids, self.runner.merge)
+
+    # -- worker side ------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            if not self._take(block=len(self.scheduler) == 0):
+                return
+            try:
+                self._drop_cancelled()
+                if len(self.scheduler):
+                    self._step(self.metrics)
+            except Exception:  # last line of defence: the thread must outlive any one step
+                log.exception("engine step failed outside generation")
+                for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+                    self._finish(seq, Failed(GENERIC_FAILURE, GenerationFailed.code, seq.output.text))
+
+    def _take(self, block: bool) -> bool:
+        """Move submitted requests into the scheduler; False when told to stop."""
+        while True:
+            try:
+                item = self._queue.get(timeout=None) if block else self._queue.get_nowait()
+            except queue.Empty:
+                return True
+            block = False
+            if item is _STOP:
+                return False
+            if item is _WARMUP:
+                self._run_warmup()
+                continue
+            if item.result is not None:  # cancelled while queued: already finished
+                continue
+            self.scheduler.add(self._sequence(item))
+
+    def _sequence(self, handle: Handle) -> Sequence:
+        seq = Sequence(handle, handle.prompt, self.pool.block_size, self.max_context, self.runner.eos_ids,
+                       self.runner.processor.tokenizer)
+        if seq.params.seed is not None:
+            seq.generator = torch.Generator(device=self.runner.device).manual_seed(seq.params.seed)
+        return seq
+
+    def _drop_cancelled(self) -> None:
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            if seq.handle.cancelled:
+                self._finish(seq, "cancelled")
+
+    def _step(self, metrics: Metrics) -> None:
+        plan = self.scheduler.schedule()
+        metrics.preemptions.inc(len(plan.preempted))
+        for chunk in list(plan.chunks):  # newly admitted: claim them (a cancel may have won the race)
+            handle = chunk.seq.handle
+            if handle._state == "queued":
+                if not handle._claim():
+                    plan.chunks.remove(chunk)
+                    self.scheduler.finish(chunk.seq)
+                    continue
+                metrics.queue_wait.observe(time.monotonic() - handle.enqueued)
+        if not plan.chunks:
+            self._unblock()
+            return
+        metrics.running.set(len(self.scheduler.running))
+        metrics.batch_tokens.observe(plan.tokens)
+        try:
+            self._features(plan)
+            logits = self.step_runner.forward(pack(plan, self.pool.block_size, self.runner.device))
+        except torch.cuda.OutOfMemoryError as exc:
+            log.warning("out of GPU memory in a step of %d tokens (%s)", plan.tokens, str(exc))
+            self._out_of_memory(plan)
+            return
+        except Exception:
+            log.exception("generation failed")
+            for chunk in plan.chunks:  # a retry after running out of memory keeps that message: it is actionable
+                message = OUT_OF_MEMORY if chunk.seq.notice else GENERIC_FAILURE
+                self._finish(chunk.seq, Failed(message, GenerationFailed.code, chunk.seq.output.text))
+            return
+        sampled = [c.seq for c in plan.chunks if c.samples]
+        tokens = sample(logits, [s.params for s in sampled], [s.generated for s in sampled],
+                        [s.generator for s in sampled]) if sampled else []
+        for chunk in plan.chunks:
+            seq = chunk.seq
+            seq.computed += chunk.length
+            names = seq.block_names(seq.computed)
+            for i in range(seq.named, len(names)):
+                self.pool.name(seq.blocks[i], names[i])
+            seq.named = len(names)
+            if seq.computed >= seq.n_prompt:
+                seq.features = {}  # prefill done: let the features cache decide what stays
+        for seq, token in zip(sampled, tokens, strict=True):
+            self._advance(seq, token, metrics)
+        metrics.kv_blocks_used.set(self.pool.used)
+        metrics.kv_blocks_cached.set(self.pool.cached)
+        metrics.running.set(len(self.scheduler.running))
+
+    def _features(self, plan: StepPlan) -> None:
+        """Make sure every image a chunk reaches has its features (from the cache or one encoder run)."""
+        for chunk in plan.chunks:
+            seq, a, b = chunk.seq, chunk.start, chunk.start + chunk.length
+            need = [s.image_id for s in seq.prompt.images
+                    if s.start < b and s.start + s.length > a and s.image_id not in seq.features]
+            if need:
+                found, encoded = self.vision.get(need, seq.request.images)
+                seq.features.update(found)
+                seq.images_encoded += encoded
+                self.metrics.images_encoded.inc(encoded)
+
+    def _advance(self, seq: Sequence, token: int, metrics: Metrics) -> None:
+        first = seq.first_token_at is None
+        before = seq.last_token_at
+        delta = seq.append(token)
+        if first:
+            metrics.ttft.observe(seq.first_token_at - seq.handle.enqueued)
+        elif before is not None:
+            metrics.token_latency.observe(seq.last_token_at - before)
+        if delta:
+            seq.handle._emit_text(delta)
+        if seq.finish_reason is not None:
+            self._finish(seq, seq.finish_reason)
+        elif seq.handle.cancelled:
+            self._finish(seq, "cancelled")
+
+    def _finish(self, seq: Sequence, outcome: str | Failed) -> None:
+        """End a sequence: blocks back to the pool, usage and metrics, the final event."""
+        self.scheduler.finish(seq)
+        handle = seq.handle
+        with self._admit:
+            self._live.discard(handle)
+        if handle.result is not None:  # cancelled while it waited: its caller already has the answer
+            return
+        if handle._state == "queued":
+            handle._claim()
+        if seq.output.emitted < len(seq.output.text):
+            handle._emit_text(seq.output.flush())
+        usage = Usage(seq.n_prompt, max(seq.cached_tokens, 0), len(seq.generated), seq.images_encoded)
+        if isinstance(outcome, Failed):
+            result: Done | Failed = outcome if outcome.text else Failed(outcome.message, outcome.code, handle._text)
+        elif outcome == "cancelled" and handle.shutting_down:
+            result = Failed(str(ShuttingDown()), ShuttingDown.code, seq.output.text)
+        else:
+            result = Done(outcome, seq.output.text, usage, notice=seq.notice)
+        m = self.metrics
+        m.requests.labels(result.finish_reason if isinstance(result, Done) else "error").inc()
+        m.prompt_tokens.inc(seq.n_prompt)
+        m.cached_prompt_tokens.inc(max(seq.cached_tokens, 0))
+        m.generated_tokens.inc(len(seq.generated))
+        if len(seq.generated) > 1 and seq.last_token_at > seq.first_token_at:
+            m.decode_rate.observe((len(seq.generated) - 1) / (seq.last_token_at - seq.first_token_at))
+        handle._finish(result)
+
+    def _unblock(self) -> None:
+        """Nothing could run: a waiting request that can never fit the pool is refused (else wait a moment)."""
+        for seq in list(self.scheduler.waiting):
+            if not self.scheduler.fits_pool(len(seq.tokens) + seq.max_new):
+                self._finish(seq, Failed("This conversation needs more KV memory than the server has; start a new "
+                                         "chat or ask for a shorter answer.", ContextTooLong.code))
+                return
+        time.sleep(0.001)
+
+    def _out_of_memory(self, plan: StepPlan) -> None:
+        """Free what can be freed; prefilling requests retry once at lower image detail, others fail."""
+        self.vision.cache.clear()
+        self.pool.clear_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        from chat.engine.retry import lowered_sequence
+
+        for chunk in plan.chunks:
+            seq = chunk.seq
+            retry = None if seq.generated else lowered_sequence(self, seq)
+            self.scheduler.finish(seq)
+            if retry is None:
+                self._finish(seq, Failed(OUT_OF_MEMORY, GenerationFailed.code, seq.output.text))
+            else:
+                self.scheduler.waiting.appendleft(retry)
+
+    def _warmup(self) -> None:
+        from chat.engine.warmup import warm_up
+
+        warm_up(self)
+
+    def _run_warmup(self) -> None:
+        try:
+            self._warmup()
+        except Exception as exc:  # noqa: BLE001 - the starter must hear of it, and the thread must live
+            log.exception("warm-up failed")
+            self.warmup_error = self.warmup_error or f"{exc.__class__.__name__}: {exc}"
+        finally:
+            self.warmed.set()

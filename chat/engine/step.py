@@ -1,0 +1,126 @@
+"""The model runner: one forward pass over a packed batch of many sequences' tokens, into the paged KV pool.
+
+A batch is the tokens of one step laid end to end: some sequences' single next tokens, some
+sequences' prefill chunks. The decoder runs once over all of them, written directly against
+Qwen3-VL's own modules (embeddings, norms, projections, MLP, lm_head, the model's M-RoPE
+module for cos/sin), so every projection is one matrix multiply for the whole batch. Only
+attention is per sequence: each token attends to its own sequence's earlier tokens, read from
+that sequence's blocks in the pool, after this step's keys and values were written there.
+
+Images: their rows carry vision-encoder embeddings instead of token embeddings, and the three
+DeepStack feature sets are added to those rows after the first decoder layers, as
+transformers' Qwen3VLTextModel does. Positions are each sequence's own 3-D M-RoPE positions.
+
+`PagedAttention` is the plain torch path (gather the blocks, then SDPA): used on the CPU, in
+the tests, and for prefill chunks on the GPU. A faster decode kernel can take its place for
+decode rows (see `attention`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from chat.engine.kv import KVTensors
+
+
+@dataclass
+class SeqRows:
+    """One sequence's rows in the batch: query rows [start, start + length), `context` tokens after this step."""
+
+    start: int
+    length: int
+    context: int
+    table: torch.Tensor  # (blocks,) block ids, on the device
+
+
+@dataclass
+class PackedBatch:
+    """Everything one step's forward needs, on the model's device."""
+
+    ids: torch.Tensor  # (T,)
+    positions: torch.Tensor  # (3, T) M-RoPE positions
+    slots: torch.Tensor  # (T,) flat KV slots: block * block_size + offset
+    seqs: list[SeqRows]
+    sample_rows: torch.Tensor  # (n,) rows whose logits are wanted
+    visual_rows: torch.Tensor | None = None  # (V,) rows that hold image tokens
+    visual_embeds: torch.Tensor | None = None  # (V, hidden)
+    deepstack: list[torch.Tensor] = field(default_factory=list)  # per DeepStack layer, (V, hidden)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """The rotation RoPE pairs with cos/sin (first half with second half)."""
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class PagedAttention:
+    """Attention of each sequence's query rows over its own KV blocks: gather, then SDPA."""
+
+    def __init__(self, kv: KVTensors, scale: float) -> None:
+        self.kv = kv
+        self.scale = scale
+
+    def __call__(self, layer: int, q: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """(T, heads, dim) queries -> (T, heads, dim) outputs."""
+        out = torch.empty_like(q)
+        for rows in batch.seqs:
+            k, v = self.kv.gather(layer, rows.table, rows.context)
+            qq = q[rows.start : rows.start + rows.length].transpose(0, 1).unsqueeze(0)
+            mask = None
+            if rows.length > 1:  # row j sits at context - length + j and sees keys up to there
+                first = rows.context - rows.length
+                key = torch.arange(rows.context, device=q.device).view(1, -1)
+                query = torch.arange(first, rows.context, device=q.device).view(-1, 1)
+                mask = key <= query
+            o = F.scaled_dot_product_attention(
+                qq, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), attn_mask=mask,
+                scale=self.scale, enable_gqa=True,
+            )
+            out[rows.start : rows.start + rows.length] = o[0].transpose(0, 1)
+        return out
+
+
+class ModelStep:
+    """Runs packed batches through one Qwen3-VL decoder, reading and writing the paged pool."""
+
+    def __init__(self, model, kv: KVTensors) -> None:
+        text = model.model.language_model
+        cfg = model.config.get_text_config()
+        self.layers = list(text.layers)
+        self.norm = text.norm
+        self.rotary = text.rotary_emb
+        self.embed = model.get_input_embeddings()
+        self.lm_head = model.lm_head
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.kv = kv
+        self.attention = PagedAttention(kv, self.layers[0].self_attn.scaling)
+
+    @torch.inference_mode()
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        """Logits (float32) of `batch.sample_rows`; the batch's keys and values land in the pool."""
+        t = batch.ids.shape[0]
+        h = self.embed(batch.ids)
+        if batch.visual_rows is not None:
+            h[batch.visual_rows] = batch.visual_embeds.to(h.dtype)
+        cos, sin = self.rotary(h, batch.positions.view(3, 1, t))
+        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (T, 1, dim)
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_norm(attn.q_proj(x).view(t, self.n_heads, self.head_dim))
+            k = attn.k_norm(attn.k_proj(x).view(t, self.n_kv, self.head_dim))
+            v = attn.v_proj(x).view(t, self.n_kv, self.head_dim)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            self.kv.write(i, batch.slots, k, v)
+            o = self.attention(i, q, batch)
+            h = h + attn.o_proj(o.reshape(t, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            if i < len(batch.deepstack):
+                h[batch.visual_rows] += batch.deepstack[i].to(h.dtype)
+        return self.lm_head(self.norm(h.index_select(0, batch.sample_rows))).float()
