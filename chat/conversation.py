@@ -7,6 +7,8 @@ turn, then its text, which is how Qwen3-VL was trained to see a question about a
 
 from __future__ import annotations
 
+import html
+import re
 from dataclasses import dataclass
 
 
@@ -102,11 +104,16 @@ def context_used(rows: list[dict]) -> int:
     return 0
 
 
+def md_escape(text: str) -> str:
+    """Text for a Markdown component, shown as typed: HTML escaped, Markdown punctuation backslashed."""
+    return re.sub(r"([\\`*_{}\[\]()#+!|~-])", r"\\\1", html.escape(text, quote=False))
+
+
 def attachment_preview(names: list[str], plans: list, used: int, limit: int, answer_tokens: int) -> str:
     """Markdown for the page: what each attached image costs and how much context is left."""
     lines = []
     for name, p in zip(names, plans, strict=True):
-        lines.append(f"- **{name}**: {p.describe()}")
+        lines.append(f"- **{md_escape(name)}**: {p.describe()}")
     cost = sum(p.tokens for p in plans)
     left = limit - used - cost - answer_tokens
     summary = (f"Images: {cost:,} tokens. Conversation so far: about {used:,}; room for the answer "

@@ -2,21 +2,29 @@
 
 Every event is queued (the page reaches Gradio only through its queue) and private (not a
 Gradio API: programs use /v1). Handlers get the shared `Ctx` through `bind`, which keeps the
-signature and type hints Gradio inspects to inject `gr.Request`.
+signature and type hints Gradio inspects to inject `gr.Request`, and turns a `Notice` into the
+dismissable notice in the chat area (every other output left as it was). The browser identity
+is an HttpOnly cookie set by the server (`chat.security`), so the page keeps no secret.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+from pathlib import Path
 
 import gradio as gr
 
+from chat import notices
 from chat.conversation import DEFAULT_MODE, MODES
+from chat.notices import Notice
 from chat.ui import (
+    PLACEHOLDER,
     Ctx,
     change_mode,
     delete,
+    loading_tick,
+    max_message_chars,
     new_chat,
     on_load,
     open_conversation,
@@ -28,27 +36,61 @@ from chat.ui import (
     stop,
 )
 
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
-def bind(fn, ctx: Ctx):
-    """`fn` with `ctx` filled in, keeping what Gradio inspects: signature, type hints, generator-ness."""
+
+def _as_tuple(out) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def bind(fn, ctx: Ctx, outputs: int | None = None):
+    """`fn` with `ctx` filled in, keeping what Gradio inspects: signature, type hints, generator-ness.
+
+    With `outputs` (how many outputs `fn` itself has), two more outputs follow them: the notice
+    region and its text. A `Notice` then shows there and leaves the other outputs untouched; a
+    handler that succeeds hides an earlier notice.
+    """
+    def refused(exc: Notice) -> tuple:
+        return (*[gr.skip()] * outputs, *notices.shown(exc.message))
+
     if inspect.isgeneratorfunction(fn):
         def bound(*args, **kwargs):
-            yield from fn(ctx, *args, **kwargs)
+            if outputs is None:
+                yield from fn(ctx, *args, **kwargs)
+                return
+            first = True
+            try:
+                for out in fn(ctx, *args, **kwargs):
+                    yield (*_as_tuple(out), *(notices.hidden() if first else notices.untouched()))
+                    first = False
+            except Notice as exc:
+                yield refused(exc)
     else:
         def bound(*args, **kwargs):
-            return fn(ctx, *args, **kwargs)
+            if outputs is None:
+                return fn(ctx, *args, **kwargs)
+            try:
+                return (*_as_tuple(fn(ctx, *args, **kwargs)), *notices.hidden())
+            except Notice as exc:
+                return refused(exc)
     functools.update_wrapper(bound, fn)
     sig = inspect.signature(fn)
     bound.__signature__ = sig.replace(parameters=list(sig.parameters.values())[1:])
     return bound
 
 
-def build(ctx: Ctx, browser_key: str, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
+def mount_options(ctx: Ctx) -> dict:
+    """What app.py passes to gr.mount_gradio_app for this page: its script and style."""
+    return {"head": f"<script>{(ASSETS / 'page.js').read_text()}</script>",
+            "css": (ASSETS / "page.css").read_text()}
+
+
+def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
     """The Blocks page."""
     mode_choices = [(m.label, m.key) for m in MODES.values()]
     default = MODES[DEFAULT_MODE]
+    ready = ctx.engine.ready.is_set()
     with gr.Blocks(title="vlchat", fill_height=True, delete_cache=delete_cache) as demo:
-        secret = gr.BrowserState(None, storage_key="vlchat-identity", secret=browser_key)
         conv_id = gr.State(None)
         if ctx.random_weights:
             gr.Markdown(
@@ -63,14 +105,24 @@ def build(ctx: Ctx, browser_key: str, delete_cache: tuple[int, int] | None = Non
                 rename_btn = gr.Button("Rename", size="sm", elem_id="rename")
                 delete_btn = gr.Button("Delete", size="sm", variant="stop", elem_id="delete")
         mode = gr.Radio(mode_choices, value=default.key, label="Mode", elem_id="mode")
+        # Messages arrive as HTML rendered on the server with raw HTML escaped (chat.render):
+        # the browser must not run them through Markdown again.
         chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=520, buttons=["copy"],
-                             feedback_options=None, placeholder="Attach or paste an image and ask about it.")
+                             feedback_options=None, placeholder="Attach or paste an image and ask about it.",
+                             render_markdown=False, sanitize_html=True)
+        with gr.Column(visible=False, elem_id="notice", elem_classes=["notice"]) as notice:
+            notice_text = gr.HTML("", elem_id="notice-text")
+            dismiss = gr.Button("Dismiss", size="sm", elem_id="dismiss-notice")
         status = gr.Markdown("", elem_id="status", container=False)
         box = gr.MultimodalTextbox(
             file_types=["image"], file_count="multiple", sources=["upload"], elem_id="input",
-            placeholder="Ask about an image — Enter sends, Shift+Enter for a new line; paste or drop images",
-            show_label=False, autofocus=True, max_plain_text_length=100_000,  # long pastes stay text
+            placeholder=PLACEHOLDER if ready else "Starting…", interactive=ready,
+            show_label=False, autofocus=True,
+            # Long pastes stay text (turned into a file they would be refused as "not an image"), so
+            # one over the limit gets the notice that says how long it is and what the limit is.
+            max_plain_text_length=10 * max_message_chars(ctx),
         )
+        timer = gr.Timer(1.0, active=False)
         with gr.Row(equal_height=True):
             detail = gr.Radio([("Low", "low"), ("Auto", "auto"), ("High", "high")], value="auto",
                               label="Image detail", elem_id="detail", scale=1,
@@ -89,29 +141,33 @@ def build(ctx: Ctx, browser_key: str, delete_cache: tuple[int, int] | None = Non
             system = gr.Textbox(label="System prompt override (empty: the mode's prompt)", lines=3,
                                 elem_id="system")
 
+        note = [notice, notice_text]
         outputs = [conv_id, chatbot, box, conv_list, status, title]
+        cleared = [conv_id, chatbot, title, conv_list, status]
         # The page's events are for the page: not listed or callable as a Gradio API (the /v1
         # API is the way in for programs), and the queue runs with api_open=False.
         PRIVATE = {"api_visibility": "private"}
         sampling = [mode, temperature, top_p, max_new, system]
-        preview_inputs = [secret, conv_id, box, detail, max_new]
-        demo.load(bind(on_load, ctx), [secret], [secret, conv_list], **PRIVATE)
-        box.submit(bind(send, ctx), [secret, conv_id, box, *sampling, detail], outputs, concurrency_limit=None,
-                   **PRIVATE)
+        preview_inputs = [conv_id, box, detail, max_new]
+        demo.load(bind(on_load, ctx, 4), None, [conv_list, box, status, timer, *note], show_progress="hidden",
+                  **PRIVATE)
+        timer.tick(bind(loading_tick, ctx), None, [box, status, timer], show_progress="hidden", **PRIVATE)
+        box.submit(bind(send, ctx, len(outputs)), [conv_id, box, *sampling, detail], [*outputs, *note],
+                   concurrency_limit=None, **PRIVATE)
         for source in (box, detail, max_new):
             source.change(bind(preview, ctx), preview_inputs, [attachments], queue=True, show_progress="hidden",
                           **PRIVATE)
-        regen_btn.click(bind(regenerate, ctx), [secret, conv_id, *sampling], outputs, concurrency_limit=None,
-                        **PRIVATE)
+        regen_btn.click(bind(regenerate, ctx, len(outputs)), [conv_id, *sampling], [*outputs, *note],
+                        concurrency_limit=None, **PRIVATE)
         # No `cancels=`: the engine ends the answer and the streaming handler shows it as stopped.
         stop_btn.click(bind(stop, ctx), None, [status], **PRIVATE)
-        new_btn.click(new_chat, None, [conv_id, chatbot, title, conv_list, status], **PRIVATE)
-        conv_list.input(bind(open_conversation, ctx), [secret, conv_list], [conv_id, chatbot, title, mode],
+        dismiss.click(notices.hidden, None, note, show_progress="hidden", **PRIVATE)
+        new_btn.click(bind(new_chat, ctx, len(cleared)), None, [*cleared, *note], **PRIVATE)
+        conv_list.input(bind(open_conversation, ctx, 4), [conv_list], [conv_id, chatbot, title, mode, *note],
                         **PRIVATE)
-        rename_btn.click(bind(rename, ctx), [secret, conv_id, title], [conv_list, status], **PRIVATE)
-        title.submit(bind(rename, ctx), [secret, conv_id, title], [conv_list, status], **PRIVATE)
-        delete_btn.click(bind(delete, ctx), [secret, conv_id], [conv_id, chatbot, title, conv_list, status],
-                         **PRIVATE)
-        mode.input(bind(change_mode, ctx), [secret, conv_id, mode], [temperature, max_new], **PRIVATE)
+        rename_btn.click(bind(rename, ctx, 2), [conv_id, title], [conv_list, status, *note], **PRIVATE)
+        title.submit(bind(rename, ctx, 2), [conv_id, title], [conv_list, status, *note], **PRIVATE)
+        delete_btn.click(bind(delete, ctx, len(cleared)), [conv_id], [*cleared, *note], **PRIVATE)
+        mode.input(bind(change_mode, ctx, 2), [conv_id, mode], [temperature, max_new, *note], **PRIVATE)
         demo.unload(bind(page_closed, ctx))
     return demo

@@ -246,6 +246,26 @@ class Store:
         except FileNotFoundError:
             raise NotFound(f"image file {sha}") from None
 
+    def delete_unused_images(self, shas: Sequence[str]) -> list[str]:
+        """Delete images (row, then file) that no message references; the shas deleted."""
+        deleted = []
+        with self._lock:
+            for sha in sorted(set(shas)):
+                try:
+                    mime = self.image_row(sha)["mime"]
+                except NotFound:
+                    continue
+                used = self.db.execute(
+                    "SELECT 1 FROM messages, json_each(messages.image_ids) WHERE json_each.value = ? LIMIT 1",
+                    [sha]).fetchone()
+                if used:
+                    continue
+                # Row first: "row exists => file exists" stays true if the unlink fails.
+                self.db.execute("DELETE FROM images WHERE sha256 = ?", [sha])
+                self._image_file(sha, mime).unlink(missing_ok=True)
+                deleted.append(sha)
+        return deleted
+
     # Conversations -----------------------------------------------------------------
 
     def _conversation(self, owner: str, conv_id: str) -> dict:

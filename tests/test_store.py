@@ -278,3 +278,17 @@ def test_tampered_rows_never_reach_outside_images(store):
     sha = "ab" * 32  # a well-formed sha whose stored path column was tampered with
     store.db.table("images").insert({"sha256": sha, **evil})
     assert store.image_path(sha) == store.images_dir / "ab" / f"{sha}.png"
+
+
+def test_delete_unused_images_keeps_referenced_ones(store, tmp_path):
+    used = store.put_image(PNG, mime="image/png", width=10, height=20)
+    unused = store.put_image(JPEG, mime="image/jpeg", width=30, height=40)
+    conv = store.create_conversation("alice", title="t")
+    store.add_message("alice", conv, role="user", text="q", image_ids=[used])
+    assert store.delete_unused_images([used, unused, unused, "not-a-sha"]) == [unused]
+    assert store.has_image(used) and not store.has_image(unused)
+    assert image_files(tmp_path) == [store.image_path(used)]
+    # Once its message is gone, the other one can go too; a second call finds nothing more.
+    store.delete_conversation("alice", conv)
+    assert store.delete_unused_images([used]) == [used]
+    assert image_files(tmp_path) == [] and store.delete_unused_images([used]) == []

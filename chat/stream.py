@@ -1,0 +1,204 @@
+"""One answer on its way into the page: engine events -> Chatbot updates, and where the result is saved.
+
+`Turn` records the result. The engine may finish a request before its rows exist (a prompt
+that cannot fit is refused inside `submit`), so the final event waits in the Turn until the
+rows are attached. It runs on the worker thread even when the page is gone, and a row that
+vanished meanwhile (the conversation was deleted) is a quiet no-op, not an error.
+
+`stream` shows the answer. Each Gradio session has a view token, bumped whenever the page
+switches what it shows (another conversation, New chat, Delete). The loop polls the handle with
+a short timeout and, once the token has moved on, ends at once without cancelling the engine:
+the answer finishes and is saved in its own conversation, the page's send event is over (so the
+next Enter works), and nothing more is drawn into the conversation now on screen.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import gradio as gr
+
+from chat.engine.types import Delta, Done, Failed
+from chat.notices import Notice
+from chat.render import answer_content
+from chat.store import NotFound
+
+if TYPE_CHECKING:
+    from chat.ui import Ctx
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.1  # how soon a stream notices that its view moved on
+MIN_UPDATE_SECONDS = 0.05  # at most ~20 redraws a second: each one re-sends the message's HTML
+PROGRESS_SAVE_SECONDS = 2.0
+
+
+# -- views ----------------------------------------------------------------------------------
+
+
+def view_token(ctx: Ctx, session: str) -> int:
+    """What this session's page shows now, as a number that changes when it switches."""
+    with ctx.lock:
+        return ctx.views.get(session, 0)
+
+
+def switch_view(ctx: Ctx, session: str) -> None:
+    """The page shows something else: its stream stops drawing (the answer itself goes on)."""
+    with ctx.lock:
+        ctx.views[session] = ctx.views.get(session, 0) + 1
+        ctx.active.pop(session, None)
+
+
+def forget_session(ctx: Ctx, session: str) -> None:
+    """A closed page: drop its view token."""
+    with ctx.lock:
+        ctx.views.pop(session, None)
+
+
+# -- saving ---------------------------------------------------------------------------------
+
+
+class Turn:
+    """Where one answer is saved; the final event may arrive before the rows are attached."""
+
+    def __init__(self, ctx: Ctx, owner: str, conv_id: str | None = None) -> None:
+        self.ctx, self.owner, self.conv_id = ctx, owner, conv_id
+        self.question_id: int | None = None
+        self.answer_id: int | None = None
+        self.image_ids: list[str] = []
+        self.final: Done | Failed | None = None
+        self.handle = None
+        self._lock = threading.Lock()
+
+    def attach(self, conv_id: str, answer_id: int, question_id: int | None = None,
+               image_ids: list[str] | None = None, handle=None) -> None:
+        """The rows exist now: record a final event that already came, or track the running answer."""
+        with self._lock:
+            self.conv_id, self.answer_id, self.question_id = conv_id, answer_id, question_id
+            self.image_ids, self.handle = list(image_ids or []), handle
+            if self.final is not None:
+                self._record(self.final)
+            elif handle is not None:
+                with self.ctx.lock:
+                    self.ctx.running[conv_id] = handle
+
+    def on_finish(self, event: Done | Failed) -> None:
+        """The engine's callback (worker thread, or inside submit for a refused prompt)."""
+        with self._lock:
+            self.final = event
+            if self.answer_id is not None:
+                self._record(event)
+
+    def save_progress(self, text: str) -> None:
+        """Crash safety while streaming: a kill -9 keeps what came so far."""
+        with self._lock:
+            if self.final is None and self.answer_id is not None:
+                try:
+                    self.ctx.store.update_message(self.answer_id, text=text)
+                except NotFound:
+                    pass
+
+    def _record(self, event: Done | Failed) -> None:
+        store = self.ctx.store
+        with self.ctx.lock:
+            if self.handle is not None and self.ctx.running.get(self.conv_id) is self.handle:
+                del self.ctx.running[self.conv_id]
+        try:
+            if isinstance(event, Done):
+                status = "stopped" if event.finish_reason == "cancelled" else "complete"
+                store.update_message(self.answer_id, text=event.text, status=status, usage=event.usage.as_dict())
+            elif event.code == "context_length_exceeded":  # refused: the question goes back to the box
+                for message_id in (self.answer_id, self.question_id):
+                    if message_id is not None:
+                        try:
+                            store.delete_message(self.owner, message_id)
+                        except NotFound:
+                            pass
+                store.delete_unused_images(self.image_ids)
+            elif event.code == "shutting_down":  # what streamed is kept, like a restart mid-answer
+                store.update_message(self.answer_id, text=event.text, status="interrupted")
+            else:
+                store.update_message(self.answer_id, text=event.text, status="error", usage={"error": event.message})
+        except NotFound:  # the conversation was deleted while it was answered
+            log.info("answer %s not saved: its conversation was deleted", self.answer_id)
+
+
+# -- showing --------------------------------------------------------------------------------
+
+
+def _events(handle) -> Iterator[object]:
+    """The handle's events, with None every POLL_SECONDS of silence."""
+    while True:
+        try:
+            yield from handle.events(timeout=POLL_SECONDS)
+            return
+        except queue.Empty:
+            yield None
+
+
+def _done_note(event: Done) -> str:
+    note = "Stopped." if event.finish_reason == "cancelled" else ""
+    if event.finish_reason == "length":
+        note = "The answer reached the length limit (Settings → Max new tokens)."
+    return f"{event.notice} {note}".strip()
+
+
+def stream(ctx: Ctx, turn: Turn, handle, session: str, token: int, history: list[dict], first: tuple,
+           give_back=None) -> Iterator[tuple]:
+    """Show the answer; yields (conv_id, chat, box, list, status, title) while this view is on screen.
+
+    `first` is the first update's (conv_id, box, list, title); `give_back` makes the input-box value
+    for a question the engine refused after it was stored (None: not a new question).
+    """
+    skip = gr.skip()
+
+    def in_view() -> bool:
+        return view_token(ctx, session) == token
+
+    if not in_view():
+        return
+    with ctx.lock:
+        ctx.active[session] = handle
+    conv_id, box, choices, title = first
+    history = [*history, {"role": "assistant", "content": answer_content("", "pending")}]
+    yield conv_id, history, box, choices, "Answering…", title
+    text, shown, drawn_at, saved_at = "", "", time.monotonic(), time.monotonic()
+    try:
+        for event in _events(handle):
+            if not in_view():
+                return
+            if event is None or isinstance(event, Delta):
+                if event is not None:
+                    text += event.text
+                    if time.monotonic() - saved_at > PROGRESS_SAVE_SECONDS:
+                        turn.save_progress(text)
+                        saved_at = time.monotonic()
+                if text != shown and (event is None or time.monotonic() - drawn_at >= MIN_UPDATE_SECONDS):
+                    history[-1] = {"role": "assistant", "content": answer_content(text, "streaming")}
+                    shown, drawn_at = text, time.monotonic()
+                    yield skip, history, skip, skip, skip, skip
+            elif isinstance(event, Done):
+                status = "stopped" if event.finish_reason == "cancelled" else "complete"
+                history[-1] = {"role": "assistant", "content": answer_content(event.text, status)}
+                yield skip, history, skip, skip, _done_note(event), skip
+            elif event.code == "context_length_exceeded":
+                # Refused after the question was stored (and shown): both are gone again.
+                back = give_back() if give_back is not None else skip
+                yield skip, history[:-2] if give_back is not None else history[:-1], back, skip, "", skip
+                raise Notice(event.message)
+            else:
+                status = "interrupted" if event.code == "shutting_down" else "error"
+                history[-1] = {"role": "assistant", "content": answer_content(event.text, status, event.message)}
+                yield skip, history, skip, skip, event.message, skip
+    finally:
+        with ctx.lock:
+            if ctx.active.get(session) is handle:
+                del ctx.active[session]
+        # The page went away mid-answer (not a view switch): the answer stops, what came is kept.
+        if handle.result is None and in_view():
+            handle.cancel()
