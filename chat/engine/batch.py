@@ -37,7 +37,16 @@ def pack(plan: StepPlan, block_size: int, device: torch.device) -> PackedBatch:
         if chunk.samples:
             sample_rows.append(offset + chunk.length - 1)
         offset += chunk.length
+    width = max(r.table.shape[0] for r in seqs)
+    tables = torch.zeros(len(seqs), width, dtype=torch.int32)
+    for i, chunk in enumerate(plan.chunks):
+        n = seqs[i].table.shape[0]
+        tables[i, :n] = torch.tensor(chunk.seq.blocks[:n], dtype=torch.int32)
+    cu_q = torch.tensor([0, *(r.start + r.length for r in seqs)], dtype=torch.int32)
     batch = PackedBatch(
+        tables=tables.to(device, non_blocking=True),
+        seq_lens=torch.tensor([r.context for r in seqs], dtype=torch.int32).to(device, non_blocking=True),
+        cu_q=cu_q.to(device, non_blocking=True),
         ids=torch.tensor(ids, dtype=torch.long).to(device, non_blocking=True),
         positions=torch.cat(positions, dim=1).to(device, non_blocking=True),
         slots=torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True),

@@ -92,16 +92,25 @@ class Engine:
         dtype = next(model.parameters()).dtype
         shape = (cfg.num_hidden_layers, block_size, cfg.num_key_value_heads, head_dim)
         block_bytes = KVTensors.block_bytes(*shape, dtype)
+        self._kv_shape, self._kv_dtype, self._block_bytes = shape, dtype, block_bytes
+        # On a GPU with no size given, the pool is sized after warm-up from what is free then (the
+        # warm-up runs on a small one); anywhere else it is allocated at its final size now.
+        self.auto_kv = kv_cache_bytes <= 0 and runner.device.type == "cuda"
         if kv_cache_bytes <= 0:
-            kv_cache_bytes = self._auto_kv_bytes(runner.device)
+            kv_cache_bytes = 1 << 30 if not self.auto_kv else 0
         blocks = pool_blocks(kv_cache_bytes, block_bytes, self.max_context, block_size)
         self.kv = KVTensors(shape[0], blocks, block_size, shape[2], shape[3], dtype, runner.device)
         self.pool = BlockPool(blocks, block_size)
         self.scheduler = Scheduler(self.pool, max_batch_tokens, max_running, max_running_per_owner)
         self.step_runner = ModelStep(model, self.kv)
+        self.graphs = None  # CUDA graphs for decode-only steps, captured by warm-up on a GPU
+        if runner.device.type == "cuda":
+            from chat.engine.graphs import TritonAttention
+
+            self.step_runner.attention = TritonAttention(self.kv, self.step_runner.layers[0].self_attn.scaling)
+        self.feature_bytes = feature_bytes
         self.metrics.kv_blocks_total.set(self.pool.total)
-        log.info("KV pool: %d blocks of %d tokens (%.2f GiB); up to %d tokens per step, %d running", self.pool.total,
-                 block_size, self.kv.nbytes / 2**30, max_batch_tokens, max_running)
+        self._log_pool()
         self.ready = threading.Event()  # set once warm-up succeeded: submit() accepts work
         self.warmed = threading.Event()  # set when warm-up ended, well or not
         self.warmup_error = ""
@@ -116,13 +125,31 @@ class Engine:
         self._grids_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="vlchat-worker", daemon=True)
 
-    @staticmethod
-    def _auto_kv_bytes(device: torch.device) -> int:
-        """KV pool size when none is set: most of the free GPU memory (a working reserve kept); 1 GiB on CPU."""
-        if device.type != "cuda":
-            return 1 << 30
-        free = torch.cuda.mem_get_info(device)[0]
-        return max(256 << 20, int((free - (4 << 30)) * 0.9))
+    def _log_pool(self) -> None:
+        s = self.scheduler
+        log.info("KV pool: %d blocks of %d tokens (%.2f GiB, %d tokens); up to %d tokens per step, %d running "
+                 "(%d per owner)", self.pool.total, self.pool.block_size, self.kv.nbytes / 2**30,
+                 self.pool.total * self.pool.block_size, s.max_batch_tokens, s.max_running, s.max_per_owner)
+
+    def resize_pool(self, kv_bytes: int) -> None:
+        """Reallocate the (empty) KV pool at `kv_bytes`; only between requests (warm-up does it)."""
+        layers, bs, heads, dim = self._kv_shape
+        blocks = pool_blocks(kv_bytes, self._block_bytes, self.max_context, bs)
+        self.kv.k = self.kv.v = None
+        if self.runner.device.type == "cuda":
+            torch.cuda.empty_cache()
+        fresh = KVTensors(layers, blocks, bs, heads, dim, self._kv_dtype, self.runner.device)
+        self.kv.k, self.kv.v = fresh.k, fresh.v  # the same object: the runner and kernels keep theirs
+        self.pool = BlockPool(blocks, bs)
+        self.scheduler.pool = self.pool
+        self.metrics.kv_blocks_total.set(self.pool.total)
+        self._log_pool()
+
+    def auto_kv_bytes(self) -> int:
+        """The pool size from free GPU memory: what is left after a working reserve and the features cache."""
+        free = torch.cuda.mem_get_info(self.runner.device)[0] + self.kv.nbytes
+        reserve = (3 << 30) + self.feature_bytes
+        return max(256 << 20, int((free - reserve) * 0.95))
 
     # -- caller side ------------------------------------------------------------------------------
 
@@ -294,8 +321,11 @@ class Engine:
         metrics.running.set(len(self.scheduler.running))
         metrics.batch_tokens.observe(plan.tokens)
         try:
-            self._features(plan)
-            logits = self.step_runner.forward(pack(plan, self.pool.block_size, self.runner.device))
+            if self.graphs is not None and self.graphs.fits(plan):
+                logits = self.graphs.run(plan)
+            else:
+                self._features(plan)
+                logits = self.step_runner.forward(pack(plan, self.pool.block_size, self.runner.device))
         except torch.cuda.OutOfMemoryError as exc:
             log.warning("out of GPU memory in a step of %d tokens (%s)", plan.tokens, str(exc))
             self._out_of_memory(plan)

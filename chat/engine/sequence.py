@@ -92,6 +92,12 @@ class Sequence:
             parts.append(gen.view(1, -1).expand(3, -1))
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
+    def text_position(self, index: int) -> int:
+        """The position of token `index` when it is text (its three M-RoPE axes are then equal)."""
+        if index >= self.n_prompt:
+            return self.prompt.next_position + index - self.n_prompt
+        return int(self.prompt.positions[0, index])
+
     # -- output -----------------------------------------------------------------------------------
 
     def append(self, token: int) -> str | None:

@@ -45,6 +45,10 @@ class PackedBatch:
     slots: torch.Tensor  # (T,) flat KV slots: block * block_size + offset
     seqs: list[SeqRows]
     sample_rows: torch.Tensor  # (n,) rows whose logits are wanted
+    # The same per-sequence facts as device tensors, for kernels that take the whole batch at once:
+    tables: torch.Tensor | None = None  # (seqs, max blocks) int32 block tables, 0-padded
+    seq_lens: torch.Tensor | None = None  # (seqs,) int32 tokens after this step
+    cu_q: torch.Tensor | None = None  # (seqs + 1,) int32 first row of each sequence, then T
     visual_rows: torch.Tensor | None = None  # (V,) rows that hold image tokens
     visual_embeds: torch.Tensor | None = None  # (V, hidden)
     deepstack: list[torch.Tensor] = field(default_factory=list)  # per DeepStack layer, (V, hidden)
@@ -100,14 +104,19 @@ class ModelStep:
         self.kv = kv
         self.attention = PagedAttention(kv, self.layers[0].self_attn.scaling)
 
-    @torch.inference_mode()
-    def forward(self, batch: PackedBatch) -> torch.Tensor:
-        """Logits (float32) of `batch.sample_rows`; the batch's keys and values land in the pool."""
-        t = batch.ids.shape[0]
-        h = self.embed(batch.ids)
-        if batch.visual_rows is not None:
-            h[batch.visual_rows] = batch.visual_embeds.to(h.dtype)
-        cos, sin = self.rotary(h, batch.positions.view(3, 1, t))
+    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend,
+               visual_rows: torch.Tensor | None = None, visual_embeds: torch.Tensor | None = None,
+               deepstack: list[torch.Tensor] = ()) -> torch.Tensor:
+        """Final-normed hidden states of tokens `ids` at (3, T) `positions`; KV written at `slots`.
+
+        `attend(layer, q)` maps (T, heads, dim) queries to outputs, reading the pool after this
+        layer's keys and values were written. Free of host syncs, so a decode step can be captured.
+        """
+        t = ids.shape[0]
+        h = self.embed(ids)
+        if visual_rows is not None:
+            h[visual_rows] = visual_embeds.to(h.dtype)
+        cos, sin = self.rotary(h, positions.view(3, 1, t))
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (T, 1, dim)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
@@ -117,10 +126,16 @@ class ModelStep:
             v = attn.v_proj(x).view(t, self.n_kv, self.head_dim)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-            self.kv.write(i, batch.slots, k, v)
-            o = self.attention(i, q, batch)
-            h = h + attn.o_proj(o.reshape(t, -1))
+            self.kv.write(i, slots, k, v)
+            h = h + attn.o_proj(attend(i, q).reshape(t, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-            if i < len(batch.deepstack):
-                h[batch.visual_rows] += batch.deepstack[i].to(h.dtype)
-        return self.lm_head(self.norm(h.index_select(0, batch.sample_rows))).float()
+            if i < len(deepstack):
+                h[visual_rows] += deepstack[i].to(h.dtype)
+        return self.norm(h)
+
+    @torch.inference_mode()
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        """Logits (float32) of `batch.sample_rows`; the batch's keys and values land in the pool."""
+        h = self.hidden(batch.ids, batch.positions, batch.slots, lambda i, q: self.attention(i, q, batch),
+                        batch.visual_rows, batch.visual_embeds, batch.deepstack)
+        return self.lm_head(h.index_select(0, batch.sample_rows)).float()

@@ -54,8 +54,31 @@ def warm_up(engine) -> None:
         engine.vision.cache.clear()
         with engine._grids_lock:
             engine._grids.clear()
+    if not engine.warmup_error and engine.runner.device.type == "cuda":
+        _gpu_setup(engine)
     engine.warmup_seconds = time.monotonic() - started
     if not engine.warmup_error:
         log.info("warm-up done in %.1f s; ready", engine.warmup_seconds)
         engine.ready.set()
     engine.warmed.set()
+
+
+def _gpu_setup(engine) -> None:
+    """After the warm-up run: size the KV pool from the memory left, then capture the decode graphs."""
+    import torch
+
+    from chat.engine.graphs import DecodeGraphs
+
+    if engine.auto_kv:
+        engine.resize_pool(engine.auto_kv_bytes())
+    started = time.monotonic()
+    try:
+        max_blocks = -(-engine.max_context // engine.pool.block_size)
+        graphs = DecodeGraphs(engine.step_runner, engine.scheduler.max_running, max_blocks)
+        graphs.capture()
+        engine.graphs = graphs
+        log.info("captured decode graphs for batch sizes %s in %.1f s", graphs.sizes, time.monotonic() - started)
+    except Exception:  # a GPU or driver that cannot capture: serve eagerly, slower but right
+        log.exception("decode graph capture failed; decode steps run eagerly")
+        engine.graphs = None
+        torch.cuda.empty_cache()
