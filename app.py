@@ -2,11 +2,14 @@
 
 The server listens at once; the model loads and warms up in the background, and /health says
 503 until it is ready. A model that cannot be loaded ends the process with one paragraph that
-says what to do.
+says what to do. The guards around the app (headers, identity cookie, closed routes, uploads,
+slow clients, login throttle) are in `chat.security` and `chat.webguard`; SIGTERM drains open
+answers, stops the engine, then closes the database (`chat.serving`).
 """
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import logging
 import os
@@ -19,6 +22,7 @@ from chat.boot import start_engine
 from chat.config import Settings, load_settings
 
 log = logging.getLogger("vlchat")
+ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 class _NotLoaded:
@@ -34,38 +38,42 @@ class _NotLoaded:
         raise NotReady()
 
 
-class NoSideDoors:
-    """ASGI middleware closing Gradio's direct-call routes.
-
-    The page talks to Gradio through its queue (/gradio_api/queue/...; every page event is
-    queued, none uses queue=False). Gradio's other ways to call an event directly are closed:
-    programs use /v1, with its keys and limits. Pure ASGI (not BaseHTTPMiddleware), so streaming
-    and client-disconnect detection pass through untouched.
-    """
-
-    CLOSED = ("/gradio_api/call/", "/gradio_api/run/", "/gradio_api/api/")
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(self.CLOSED):
-            body = b'{"error": "Not available; use the page, or the /v1 API."}'
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            await send({"type": "http.response.start", "status": 404, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-            return
-        await self.app(scope, receive, send)
-
-
-def browser_key(data_dir: Path) -> str:
-    """The key that encrypts browser identities; kept in the data folder so it survives restarts."""
+def browser_key(data_dir: Path, create: bool = True) -> str | None:
+    """The key older pages encrypted browser identities with (BrowserState); kept only to migrate them."""
     path = data_dir / "browser.key"
     if not path.exists():
+        if not create:
+            return None
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(32))
     return path.read_text().strip()
+
+
+def local_theme():
+    """Gradio's default look with fonts served by this server or the system's: nothing from Google Fonts."""
+    import gradio as gr
+
+    return gr.themes.Default(
+        font=[gr.themes.LocalFont("Source Sans Pro", weights=(400, 600)), "ui-sans-serif", "system-ui", "sans-serif"],
+        font_mono=[gr.themes.LocalFont("IBM Plex Mono", weights=(400, 600)), "ui-monospace", "Consolas", "monospace"],
+    )
+
+
+def health_body(ctx) -> tuple[dict, int]:
+    """/health's answer: ok (200), loading with phase and progress (503), or failed with the reason (503)."""
+    status = ctx.status
+    if ctx.engine.ready.is_set():
+        state = "ok"
+    elif status.phase == "failed":
+        state = "failed"
+    else:
+        state = "loading"
+    body = {"status": state, "model": ctx.model_name, "waiting": ctx.engine.waiting, "phase": status.phase,
+            "progress": None if status.fraction is None else round(status.fraction, 3)}
+    if state == "failed":
+        body["error"] = status.error
+    return body, 200 if state == "ok" else 503
 
 
 def api_policy(settings: Settings) -> tuple[bool, str]:
@@ -84,17 +92,20 @@ def api_policy(settings: Settings) -> tuple[bool, str]:
 
 
 def create_app(settings: Settings):
-    """The FastAPI app with the page mounted; returns (app, ctx, store)."""
+    """The FastAPI app with the page mounted, wrapped in the web guards; returns (app, ctx, store)."""
     os.environ.setdefault("GRADIO_TEMP_DIR", str((settings.data_dir / "gradio").resolve()))
     import gradio as gr
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException
+    from starlette.requests import Request
 
     from chat import page, ui
     from chat.api import ApiError, ApiState, router
     from chat.engine.types import LoadStatus
+    from chat.security import CookieSigner, IdentityCookies, LoginThrottle, bearer_ok, secret_file
     from chat.store import Store
+    from chat.webguard import BodyTimeout, NoSideDoors, SecurityHeaders, UploadFilter
 
     store = Store(settings.data_dir)
     recovered = store.recover_interrupted()
@@ -102,7 +113,10 @@ def create_app(settings: Settings):
         log.info("marked %d answers interrupted by the last shutdown", recovered)
     ctx = ui.Ctx(store=store, engine=_NotLoaded(), settings=settings, random_weights=settings.model == "tiny-random",
                  model_name=settings.model, status=LoadStatus())
-    app = FastAPI(title="vlchat", docs_url=None, redoc_url=None, openapi_url=None)
+    expose_docs = getattr(settings, "expose_docs", False)
+    docs = {"docs_url": "/docs", "redoc_url": "/redoc", "openapi_url": "/openapi.json"} if expose_docs else \
+        {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="vlchat", **docs)
     is_open, reason = api_policy(settings)
     if not is_open:
         log.warning("%s", reason)
@@ -129,51 +143,84 @@ def create_app(settings: Settings):
 
     @app.get("/health")
     def health():
-        engine = ctx.engine
-        body = {"status": "ok" if engine.ready.is_set() else "loading", "model": ctx.model_name,
-                "waiting": engine.waiting}
-        return JSONResponse(body, status_code=200 if engine.ready.is_set() else 503)
+        body, status = health_body(ctx)
+        return JSONResponse(body, status_code=status)
 
-    @app.get("/metrics")
-    def metrics():
+    metrics_locked = getattr(settings, "metrics_key_required", False)
+    if metrics_locked and not settings.api_keys:
+        log.warning("--metrics-key-required without --api-key: /metrics answers 401 to everyone")
+
+    def metrics(request: Request) -> Response:
+        if metrics_locked and not bearer_ok(request.headers, settings.api_keys):
+            return JSONResponse({"error": "/metrics needs an API key: send 'Authorization: Bearer <key>'."},
+                                status_code=401, headers={"www-authenticate": "Bearer"})
         registry = getattr(ctx.engine, "metrics", None)
         data = registry.render() if registry is not None else b""
         return Response(data, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    app.add_middleware(NoSideDoors)
+    app.add_route("/metrics", metrics, methods=["GET"])
+
     hours = settings.gradio_cache_hours * 3600
-    demo = page.build(ctx, browser_key(settings.data_dir), delete_cache=(min(hours, 3600), hours))
+    legacy_key = browser_key(settings.data_dir, create=False)
+    if "browser_key" in inspect.signature(page.build).parameters:  # the page still keeps BrowserState
+        legacy_key = browser_key(settings.data_dir)
+        demo = page.build(ctx, legacy_key, delete_cache=(min(hours, 3600), hours))
+    else:
+        demo = page.build(ctx, delete_cache=(min(hours, 3600), hours))
     demo.queue(api_open=False, max_size=settings.max_waiting * 4, default_concurrency_limit=None)
     auth = tuple(settings.auth.split(":", 1)) if settings.auth else None
+    options = dict(getattr(page, "mount_options", lambda ctx: {})(ctx))
+    migrate_js = (ASSETS / "migrate-identity.js").read_text()
+    options["head"] = f"<script>{migrate_js}</script>" + options.get("head", "")
+    options.setdefault("theme", local_theme())
+    data = settings.data_dir
     app = gr.mount_gradio_app(
         app, demo, path="/", auth=auth, show_error=False, max_file_size=settings.max_image_bytes,
         allowed_paths=[str(store.images_dir)],
-        blocked_paths=[str(settings.data_dir / "vlchat.db"), str(settings.data_dir / "models"),
-                       str(settings.data_dir / "browser.key")],
-        footer_links=[], ssr_mode=False, run_history=False,
+        blocked_paths=[str(data / "vlchat.db"), str(data / "models"), str(data / "browser.key"),
+                       str(data / "cookie.key"), str(data / "migrated-identities")],
+        footer_links=[], ssr_mode=False, run_history=False, enable_monitoring=expose_docs, **options,
     )
-    return app, ctx, store
+    signer = CookieSigner(secret_file(data / "cookie.key"))
+    # Innermost first; the outermost (SecurityHeaders) also marks the guards' own answers.
+    guarded = UploadFilter(app, limit=settings.max_image_bytes * settings.max_images_per_message + (1 << 20),
+                           max_files=settings.max_images_per_message)
+    guarded = IdentityCookies(guarded, signer, legacy_key, data / "migrated-identities",
+                              secure=getattr(settings, "cookie_secure", False))
+    guarded = LoginThrottle(guarded, getattr(settings, "login_failures_per_minute", 5))
+    guarded = NoSideDoors(guarded, expose_docs=expose_docs)
+    guarded = BodyTimeout(guarded, getattr(settings, "body_timeout_seconds", 30))
+    guarded = SecurityHeaders(guarded)
+    return guarded, ctx, store
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the server until interrupted."""
+    """Run the server until SIGTERM or Ctrl-C; then drain open answers, stop the engine, close the database."""
     settings = load_settings(argv)
-    if settings.auth and ":" not in settings.auth:
-        print("vlchat could not start: --auth (VLCHAT_AUTH) must look like user:password.", file=sys.stderr)
-        return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    import uvicorn
+    from chat.serving import make_server, quiet_signals_after_run
 
     app, ctx, store = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning"))
+
+    def drain() -> None:
+        stop = getattr(ctx.engine, "drain", None)
+        if stop is not None:
+            log.info("stopping: open answers end with 'the server is restarting'")
+            stop()
+
+    server = make_server(app, settings.host, settings.port,
+                         grace_seconds=getattr(settings, "shutdown_grace_seconds", 5),
+                         header_timeout=getattr(settings, "header_timeout_seconds", 15), on_shutdown=drain)
     threading.Thread(target=start_engine, args=(settings, store, ctx, server), name="vlchat-load", daemon=True).start()
     log.info("serving on http://%s:%d (the model loads in the background; /health says when ready)",
              settings.host, settings.port)
+    quiet_signals_after_run()
     server.run()
     if getattr(ctx.engine, "shutdown", None):
         ctx.engine.shutdown()
     store.close()
+    log.info("stopped")
     return ctx.exit_code
 
 

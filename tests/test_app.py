@@ -50,7 +50,7 @@ def test_uncached_hub_model_offline_fails_fast_with_advice(tmp_path):
     result = run_app("--model", "Qwen/Qwen3-VL-8B-Instruct", "--data-dir", str(tmp_path / "d"),
                      "--host", "127.0.0.1", "--port", "0", timeout=60)
     assert result.returncode == 2
-    assert "not in the local cache" in result.stderr and "huggingface-cli download" in result.stderr
+    assert "not in the local cache" in result.stderr and "hf download" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -69,7 +69,8 @@ def test_health_is_503_until_the_model_is_ready_then_200(tmp_path):
         entry.start_engine(settings, store, ctx, server)
         assert ctx.engine.ready.wait(60)
         ready = client.get("/health")
-        assert ready.status_code == 200 and ready.json() == {"status": "ok", "model": "tiny-random", "waiting": 0}
+        assert ready.status_code == 200 and ready.json() == {"status": "ok", "model": "tiny-random", "waiting": 0,
+                                                             "phase": "ready", "progress": None}
         assert "vlchat_images_encoded_total 0.0" in client.get("/metrics").text  # warm-up is not counted
         assert client.get("/vlchat.db").status_code == 404
         ctx.engine.shutdown()
@@ -90,4 +91,5 @@ def test_a_start_failure_of_any_kind_ends_the_process_with_advice(tmp_path):
     result = run_app("--device", "cuda", "--model", "tiny-random", "--data-dir", str(tmp_path), "--host", "127.0.0.1",
                      "--port", "0", timeout=120)
     assert result.returncode == 2
-    assert "Starting the model failed" in result.stderr and "--device" in result.stderr
+    assert "vlchat could not start" in result.stderr and "--device" in result.stderr
+    assert "Traceback" not in result.stderr
