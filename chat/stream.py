@@ -160,7 +160,11 @@ def stream(ctx: Ctx, turn: Turn, handle, session: str, token: int, history: list
     def in_view() -> bool:
         return view_token(ctx, session) == token
 
+    # Leaving because the view moved on ends with an update that changes nothing: Gradio applies an
+    # event's last output once more when it completes, which would redraw the old conversation.
+    unchanged = (skip,) * 6
     if not in_view():
+        yield unchanged
         return
     with ctx.lock:
         ctx.active[session] = handle
@@ -171,6 +175,7 @@ def stream(ctx: Ctx, turn: Turn, handle, session: str, token: int, history: list
     try:
         for event in _events(handle):
             if not in_view():
+                yield unchanged
                 return
             if event is None or isinstance(event, Delta):
                 if event is not None:

