@@ -65,10 +65,15 @@ class Settings:
     max_body_bytes: int = _opt(50_000_000, "Largest /v1 request body in bytes (images travel inside it).", lo=1)
     max_images_per_message: int = _opt(8, "Images one message may carry.", lo=0)
     max_images_per_conversation: int = _opt(32, "Images one conversation may hold.", lo=0)
-    prefix_cache_entries: int = _opt(8, "Conversations whose KV state is kept for reuse across turns.", lo=0)
-    prefix_cache_mb: int = _opt(
-        0, "Memory budget for kept KV state, in MiB; 0 sizes it at start-up from free GPU memory (2 GiB on CPU).",
-        lo=0,
+    kv_cache_mb: int = _opt(
+        0, "Memory for the paged KV cache (running requests and reused prefixes), in MiB; 0 sizes it after "
+        "warm-up from free GPU memory (1 GiB on CPU).", lo=0,
+    )
+    max_batch_tokens: int = _opt(1024, "Tokens one engine step may process (decode tokens plus prefill chunks).",
+                                 lo=16)
+    max_running: int = _opt(64, "Requests generating at once (continuous batching); more wait in the queue.", lo=1)
+    max_running_per_owner: int = _opt(
+        16, "Requests one owner (a browser, a login or an API key) may have generating at once.", lo=1
     )
     feature_cache_mb: int = _opt(1024, "Memory budget for kept vision features, in MiB.", lo=0)
     max_message_chars: int = _opt(100_000, "Longest text of one page message, in characters.", lo=1)

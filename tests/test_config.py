@@ -73,8 +73,10 @@ def bad(argv: list[str], env: dict | None = None) -> str:
     (["--max-image-bytes", "0"], {}, "--max-image-bytes (VLCHAT_MAX_IMAGE_BYTES)"),
     (["--max-body-bytes", "ten"], {}, "--max-body-bytes (VLCHAT_MAX_BODY_BYTES)"),
     (["--max-images-per-message", "-3"], {}, "--max-images-per-message (VLCHAT_MAX_IMAGES_PER_MESSAGE)"),
-    (["--prefix-cache-mb", "-1"], {}, "--prefix-cache-mb (VLCHAT_PREFIX_CACHE_MB) must be a whole number of at "
-                                      "least 0"),
+    (["--kv-cache-mb", "-1"], {}, "--kv-cache-mb (VLCHAT_KV_CACHE_MB) must be a whole number of at least 0"),
+    (["--max-running", "0"], {}, "--max-running (VLCHAT_MAX_RUNNING) must be a whole number of at least 1"),
+    ([], {"VLCHAT_MAX_RUNNING_PER_OWNER": "0"}, "--max-running-per-owner (VLCHAT_MAX_RUNNING_PER_OWNER)"),
+    (["--max-batch-tokens", "8"], {}, "--max-batch-tokens (VLCHAT_MAX_BATCH_TOKENS)"),
     (["--gradio-cache-hours", "0"], {}, "--gradio-cache-hours (VLCHAT_GRADIO_CACHE_HOURS)"),
     (["--header-timeout-seconds", "0"], {}, "--header-timeout-seconds (VLCHAT_HEADER_TIMEOUT_SECONDS)"),
     (["--login-failures-per-minute", "-5"], {}, "--login-failures-per-minute (VLCHAT_LOGIN_FAILURES_PER_MINUTE)"),
@@ -236,3 +238,9 @@ def test_docker_base_image_matches_the_torch_wheel_requirements_resolve_to():
     assert ".".join(series.groups()) == ".".join(torch.__version__.split("+")[0].split(".")[:2])
     assert re.search(r"^FROM \$\{BASE_IMAGE\}$", dockerfile, re.M)
     assert "-c /tmp/torch-constraint.txt -r requirements.txt" in dockerfile
+
+
+def test_readme_downloads_with_hf_not_the_removed_huggingface_cli():
+    readme = (ROOT / "README.md").read_text()
+    assert "huggingface-cli download" not in readme  # huggingface-hub 1.x/2.x ships only `hf`
+    assert "hf download Qwen/Qwen3-VL-8B-Instruct --local-dir" in readme
