@@ -25,7 +25,7 @@ def pack(plan: StepPlan, block_size: int, device: torch.device) -> PackedBatch:
         table = seq.blocks
         slots.extend(table[i // block_size] * block_size + i % block_size for i in range(a, b))
         used = torch.tensor(table[: blocks_for(b, block_size)], dtype=torch.long)
-        seqs.append(SeqRows(offset, chunk.length, b, used.to(device, non_blocking=True)))
+        seqs.append(SeqRows(offset, chunk.length, b, used))
         for span in seq.prompt.images:
             lo, hi = max(a, span.start), min(b, span.start + span.length)
             if lo >= hi:

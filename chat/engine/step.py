@@ -33,7 +33,7 @@ class SeqRows:
     start: int
     length: int
     context: int
-    table: torch.Tensor  # (blocks,) block ids, on the device
+    table: torch.Tensor  # (blocks,) block ids (on the host; the torch path moves them)
 
 
 @dataclass
@@ -71,7 +71,7 @@ class PagedAttention:
         """(T, heads, dim) queries -> (T, heads, dim) outputs."""
         out = torch.empty_like(q)
         for rows in batch.seqs:
-            k, v = self.kv.gather(layer, rows.table, rows.context)
+            k, v = self.kv.gather(layer, rows.table.to(q.device), rows.context)
             qq = q[rows.start : rows.start + rows.length].transpose(0, 1).unsqueeze(0)
             mask = None
             if rows.length > 1:  # row j sits at context - length + j and sees keys up to there
