@@ -2,59 +2,48 @@
 
 The same engine, limits and image intake as the page. Every failure under /v1 answers with one
 envelope, {"error": {"message", "type", "param", "code"}}, raised as `ApiError` and rendered in
-one place. Requests are parsed by hand (not pydantic) so each problem names its parameter in
-plain words and no framework-shaped 422 ever leaks out.
+one place. Reading and checking a request is `chat/openai_parse.py`; this module is the routes,
+the owner of a request, and the responses.
 
-Images arrive as data URLs, go through `images.sanitize`, and are then known by the sha256 of
-their clean bytes: a client that resends the same picture every turn (as OpenAI clients do)
-hits the engine's prefix and feature caches, so the vision tower runs once. Remote URLs are
-refused without opening a socket.
+Owners: reused KV state only ever serves the owner that built it (a shared prefix cache would
+let one client read another's text through `cached_tokens`). An API request's owner is its key,
+as "api:" + sha256(key)[:16]; with no key configured all API callers are one owner,
+"api:anonymous", apart from every browser. A client may split its owner further with vLLM's
+`cache_salt` field. The owner goes to the engine as `ChatRequest.cache_salt`, part of every
+prefix-cache key.
+
+Nothing slow runs on the event loop: the body is parsed and its images decoded in a thread, and
+`engine.submit` (which renders and tokenizes the prompt) is called in a thread too, so one huge
+or hostile request never stalls other clients' streams.
+
+Images arrive as data URLs and are then known by the sha256 of their clean bytes: a client that
+resends the same picture every turn (as OpenAI clients do) hits the engine's prefix and feature
+caches, so the vision tower runs once. Remote URLs are refused without opening a socket.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
+import hashlib
 import hmac
 import json
+import logging
 import time
-import uuid
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from chat.config import Settings
-from chat.engine.types import Busy, ChatRequest, Delta, Done, EngineError, Failed, NotReady
-from chat.images import ImageError, sanitize
+from chat.engine.types import Busy, ContextTooLong, Delta, Done, EngineError, Failed, NotReady, ShuttingDown
+from chat.openai_parse import ApiError, bad, parse_json, parse_request
 
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "logprobs", "top_logprobs",
-               "audio", "modalities", "prediction", "logit_bias", "web_search_options", "parallel_tool_calls")
-ROLES = ("system", "developer", "user", "assistant")
+__all__ = ["ApiError", "ApiState", "bad", "owner_of_key", "router"]
 
-
-class ApiError(Exception):
-    """An error answered in the OpenAI envelope."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        """The envelope."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        """As an HTTP response."""
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
-    """A 400 invalid_request_error."""
-    return ApiError(400, message, param=param, code=code)
+log = logging.getLogger("vlchat.api")
+ANONYMOUS = "api:anonymous"
+RETRY = {"Retry-After": "2"}
 
 
 @dataclass
@@ -69,147 +58,11 @@ class ApiState:
     closed_reason: str = ""
 
 
-# -- parsing ------------------------------------------------------------------------------------
-
-
-def _image_from_url(state: ApiState, part: dict, where: str, inline: dict) -> str:
-    spec = part.get("image_url")
-    url = spec.get("url") if isinstance(spec, dict) else spec
-    if not isinstance(url, str) or not url:
-        raise bad("image_url.url must be a string.", f"{where}.image_url.url")
-    if isinstance(spec, dict) and spec.get("detail", "auto") not in ("auto", "low", "high"):
-        raise bad("image_url.detail must be 'low', 'high' or 'auto'.", f"{where}.image_url.detail")
-    if not url.startswith("data:"):
-        scheme = url.split(":", 1)[0].lower() if ":" in url else "?"
-        kind = "Remote image URLs" if scheme in ("http", "https") else f"'{scheme}:' URLs"
-        raise bad(f"{kind} are not fetched by this server; send the image inline as a data URL "
-                  "(data:image/png;base64,...).", f"{where}.image_url.url", "image_url_not_allowed")
-    header, _, payload = url.partition(",")
-    if not header.startswith("data:image/") or not header.endswith(";base64"):
-        raise bad("A data URL must look like data:image/<type>;base64,<data>.", f"{where}.image_url.url",
-                  "invalid_image_url")
-    try:
-        raw = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise bad("The image's base64 data is not valid.", f"{where}.image_url.url", "invalid_image_url") from None
-    s = state.settings
-    try:
-        clean = sanitize(raw, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
-    except ImageError as exc:
-        raise bad(str(exc), f"{where}.image_url.url", "invalid_image") from None
-    inline[clean.sha256] = clean.data  # travels with the request to the worker
-    return clean.sha256
-
-
-def parse_messages(state: ApiState, raw, inline: dict) -> list[dict]:
-    """OpenAI messages -> engine messages (images replaced by their content hash, their bytes put in `inline`)."""
-    if not isinstance(raw, list) or not raw:
-        raise bad("messages must be a non-empty list.", "messages")
-    out, n_images = [], 0
-    for i, msg in enumerate(raw):
-        where = f"messages[{i}]"
-        if not isinstance(msg, dict):
-            raise bad("Each message must be an object.", where)
-        role = msg.get("role")
-        if role not in ROLES:
-            raise bad(f"Unsupported role {role!r}; use system, user or assistant.", f"{where}.role")
-        content = msg.get("content")
-        if isinstance(content, str):
-            parts = [{"type": "text", "text": content}]
-        elif isinstance(content, list):
-            parts = []
-            for j, part in enumerate(content):
-                pwhere = f"{where}.content[{j}]"
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "text" and isinstance(part.get("text"), str):
-                    parts.append({"type": "text", "text": part["text"]})
-                elif kind == "image_url" and role == "user":
-                    n_images += 1
-                    in_msg = sum(p["type"] == "image" for p in parts) + 1
-                    if in_msg > state.settings.max_images_per_message:
-                        raise bad(f"A message may carry {state.settings.max_images_per_message} images.", pwhere)
-                    spec = part.get("image_url")
-                    detail = spec.get("detail") if isinstance(spec, dict) else None
-                    parts.append({"type": "image", "image_id": _image_from_url(state, part, pwhere, inline),
-                                  "detail": detail if detail in ("low", "high") else "auto"})
-                else:
-                    raise bad(f"Unsupported content part {kind!r} for role {role}; use text (and image_url in user "
-                              "messages).", f"{pwhere}.type")
-        elif content is None and role == "assistant":
-            parts = [{"type": "text", "text": ""}]
-        else:
-            raise bad("content must be a string or a list of content parts.", f"{where}.content")
-        if role in ("system", "developer", "assistant"):
-            text = "".join(p["text"] for p in parts)
-            out.append({"role": "system" if role == "developer" else role, "content": text})
-        else:
-            out.append({"role": "user", "content": parts})
-    if n_images > state.settings.max_images_per_conversation:
-        raise bad(f"The conversation holds {n_images} images; the limit is "
-                  f"{state.settings.max_images_per_conversation}.", "messages")
-    if out[-1]["role"] != "user":
-        raise bad("The last message must be from the user.", "messages")
-    return out
-
-
-def _number(body: dict, name: str, lo: float, hi: float, integer: bool = False):
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise bad(f"{name} must be a {'whole number' if integer else 'number'}.", name)
-    if not lo <= value <= hi:
-        raise bad(f"{name} must be between {lo} and {hi}; got {value}.", name)
-    return value
-
-
-def parse_request(state: ApiState, body) -> tuple[ChatRequest, dict]:
-    """The whole request: (engine request, {"stream", "include_usage", "model"})."""
-    if not isinstance(body, dict):
-        raise bad("The request body must be a JSON object.")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise bad("model is required.", "model")
-    if model not in (state.model_name, "vlchat", state.settings.model):
-        raise ApiError(404, f"The model '{model}' does not exist; this server serves '{state.model_name}' "
-                       "(alias 'vlchat').", param="model", code="model_not_found")
-    unsupported = [k for k in UNSUPPORTED if body.get(k) not in (None, False, [], {})]
-    if body.get("response_format") in ({"type": "text"},):
-        unsupported = [k for k in unsupported if k != "response_format"]
-    if unsupported:
-        raise bad(f"Not supported by this server: {', '.join(unsupported)}.", unsupported[0], "unsupported_parameter")
-    if _number(body, "n", 1, 1, integer=True) not in (None, 1):
-        raise bad("Only n=1 is supported.", "n")
-    s = state.settings
-    limit = s.max_new_tokens_limit
-    max_tokens = _number(body, "max_completion_tokens", 1, limit, integer=True)
-    if max_tokens is None:
-        max_tokens = _number(body, "max_tokens", 1, limit, integer=True)
-    temperature = _number(body, "temperature", 0.0, 2.0)
-    top_p = _number(body, "top_p", 0.0, 1.0)
-    seed = _number(body, "seed", -(2**63), 2**63 - 1, integer=True)
-    stop = body.get("stop")
-    if stop is None:
-        stop = ()
-    elif isinstance(stop, str):
-        stop = (stop,)
-    elif isinstance(stop, list) and len(stop) <= 4 and all(isinstance(x, str) for x in stop):
-        stop = tuple(stop)
-    else:
-        raise bad("stop must be a string or a list of up to 4 strings.", "stop")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise bad("stream must be true or false.", "stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise bad("stream_options must be an object.", "stream_options")
-    inline: dict[str, bytes] = {}
-    messages = parse_messages(state, body.get("messages"), inline)
-    params = s.clamp_params(temperature, top_p, max_tokens, seed=seed, stop=stop,
-                            fit_to_context=max_tokens is None)
-    meta = {"stream": stream, "include_usage": bool(options.get("include_usage")), "model": model,
-            "id": "chatcmpl-" + uuid.uuid4().hex, "created": int(time.time())}
-    return ChatRequest(messages, params, images=inline), meta
+def owner_of_key(key: str | None) -> str:
+    """The owner an API request's cached state belongs to: a short hash of its key, never the key itself."""
+    if not key:
+        return ANONYMOUS
+    return "api:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 # -- responses ----------------------------------------------------------------------------------
@@ -223,20 +76,20 @@ def _usage(done: Done) -> dict:
 
 
 def engine_error(exc: EngineError) -> ApiError:
-    """Map what `submit` raises (Busy, NotReady) to statuses the OpenAI clients understand.
-
-    Everything that goes wrong later (a context that does not fit, a model failure) arrives as a
-    Failed event instead, mapped by `failed_error`.
-    """
-    if isinstance(exc, (Busy, NotReady)):
-        return ApiError(503, str(exc), "server_error", code=exc.code, headers={"Retry-After": "2"})
+    """Map what `submit` raises to statuses the OpenAI clients understand (503s carry Retry-After)."""
+    if isinstance(exc, ContextTooLong):
+        return bad(str(exc), "messages", exc.code)
+    if isinstance(exc, (Busy, NotReady, ShuttingDown)):
+        return ApiError(503, str(exc), "server_error", code=exc.code, headers=RETRY)
     return ApiError(500, str(exc), "server_error", code=exc.code)
 
 
 def failed_error(event: Failed) -> ApiError:
     """A Failed event as an ApiError."""
-    if event.code == "context_length_exceeded":
+    if event.code == ContextTooLong.code:
         return bad(event.message, "messages", event.code)
+    if event.code in (ShuttingDown.code, Busy.code, NotReady.code):
+        return ApiError(503, event.message, "server_error", code=event.code, headers=RETRY)
     return ApiError(500, event.message, "server_error", code=event.code)
 
 
@@ -244,16 +97,19 @@ def router(state: ApiState) -> APIRouter:
     """The /v1 routes."""
     api = APIRouter(prefix="/v1")
 
-    def check_key(request: Request) -> None:
+    def check_key(request: Request) -> str:
+        """The request's owner, or an ApiError (API off, missing or wrong key)."""
         if not state.open:
             raise ApiError(403, state.closed_reason, "permission_error", code="api_disabled")
         if not state.keys:
-            return
+            return ANONYMOUS
         auth = request.headers.get("authorization", "")
         token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-        if not any(hmac.compare_digest(token.encode(), k.encode()) for k in state.keys):
+        matched = [k for k in state.keys if hmac.compare_digest(token.encode(), k.encode())]
+        if not matched:
             raise ApiError(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.",
                            "authentication_error", code="invalid_api_key")
+        return owner_of_key(matched[0])
 
     @api.get("/models")
     async def models(request: Request):
@@ -266,12 +122,20 @@ def router(state: ApiState) -> APIRouter:
 
     @api.post("/chat/completions")
     async def chat_completions(request: Request):
-        check_key(request)
-        body = await read_json(request, state.settings.max_body_bytes)
-        # Decoding and sanitizing images is CPU work of seconds for big ones: off the event loop.
-        chat_request, meta = await asyncio.to_thread(parse_request, state, body)
+        owner = check_key(request)
+        raw = await read_body(request, state.settings.max_body_bytes)
+        names = (state.model_name, "vlchat", state.settings.model)
+        engine = state.engine
+
+        def parse():
+            # JSON decoding, text checks and image decoding are CPU work: never on the event loop.
+            return parse_request(state.settings, parse_json(raw), model_names=names, owner=owner,
+                                 max_prompt_chars=getattr(engine, "max_prompt_chars", None))
+
+        chat_request, meta = await asyncio.to_thread(parse)
         try:
-            handle = state.engine.submit(chat_request)
+            # submit renders and tokenizes the prompt in the calling thread.
+            handle = await asyncio.to_thread(engine.submit, chat_request)
         except EngineError as exc:
             raise engine_error(exc) from None
         events = handle.aevents()
@@ -327,12 +191,18 @@ def router(state: ApiState) -> APIRouter:
 
 
 async def cancel_on_disconnect(request: Request, handle) -> None:
-    """Cancel `handle` as soon as the client's connection closes (polled; ends with the request)."""
+    """Cancel `handle` as soon as the client's connection closes (runs until cancelled).
+
+    The body has been read, so the next message on `receive` is the disconnect. Waiting for it
+    (rather than polling `request.is_disconnected()`, which peeks with an already-cancelled scope
+    and so never sees anything through ASGI middleware that wraps `receive` in a task) hears it at
+    once, whatever middleware sits in between.
+    """
     while handle.result is None:
-        if await request.is_disconnected():
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
             handle.cancel()
             return
-        await asyncio.sleep(0.25)
 
 
 async def stream(handle, events, first, meta: dict):
@@ -367,23 +237,26 @@ async def stream(handle, events, first, meta: dict):
             handle.cancel()
 
 
-async def read_json(request: Request, limit: int):
-    """The body as JSON, refusing bodies over `limit` bytes (by header, then while reading)."""
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body of a JSON request, refusing bodies over `limit` bytes (by header, then while reading)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
-        raise bad(f"Content-Type must be application/json, not '{ctype or 'missing'}'.")
+        raise bad(f"Content-Type must be application/json, not {ctype[:60] or 'missing'!r}.")
     too_big = ApiError(413, f"The request body is over the limit of {limit:,} bytes; send fewer or smaller images.",
                        code="request_too_large")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_big
     chunks, size = [], 0
-    async for piece in request.stream():
-        size += len(piece)
-        if size > limit:
-            raise too_big
-        chunks.append(piece)
     try:
-        return json.loads(b"".join(chunks))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad(f"The body is not valid JSON ({exc.__class__.__name__}).") from None
+        async for piece in request.stream():
+            size += len(piece)
+            if size > limit:
+                raise too_big
+            chunks.append(piece)
+    except ClientDisconnect:
+        # Nobody is left to answer; an ordinary event, not a server error with a traceback.
+        log.info("client went away while sending its request body")
+        raise ApiError(400, "The client closed the connection before the body was complete.",
+                       code="client_disconnected") from None
+    return b"".join(chunks)

@@ -79,10 +79,7 @@ def _checked_open(data: bytes, max_bytes: int, max_pixels: int) -> Iterator[Imag
     """Open untrusted bytes after the cheap checks; every failure inside becomes an ImageError."""
     if not data:
         raise ImageError("The image file is empty.")
-    if len(data) > max_bytes:
-        raise ImageError(
-            f"Image is {_over(len(data), max_bytes)} MB; the limit is {_millions(max_bytes)} MB."
-        )
+    check_size(len(data), max_bytes)
     try:
         # Pillow warns (and only at ~89 MP) instead of refusing; as an error it stops
         # open() itself, before any pixel is decoded.
@@ -106,6 +103,26 @@ def _checked_open(data: bytes, max_bytes: int, max_pixels: int) -> Iterator[Imag
         # struct.error, IndexError, EOFError... from deep inside the parsers. All of
         # them mean the same thing to the person who sent the file.
         raise ImageError(DAMAGED) from err
+
+
+def check_size(n_bytes: int, max_bytes: int) -> None:
+    """Refuse an image of `n_bytes` (known before any byte is decoded, e.g. from a base64 length)."""
+    if n_bytes > max_bytes:
+        raise ImageError(
+            f"Image is {_over(n_bytes, max_bytes)} MB; the limit is {_millions(max_bytes)} MB."
+        )
+
+
+def check_header(
+    data: bytes, *, max_bytes: int = 20_000_000, max_pixels: int = 40_000_000
+) -> tuple[int, int]:
+    """The checks `sanitize` runs before decoding (bytes, format, declared size), alone; returns (w, h).
+
+    Pillow's open is lazy: it parses the header only, so checking every image of a request this way
+    costs next to nothing, and a request whose last image is too big is refused before the first is decoded.
+    """
+    with _checked_open(data, max_bytes, max_pixels) as img:
+        return img.size
 
 
 def sanitize(

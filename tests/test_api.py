@@ -2,8 +2,9 @@
 
 Three servers for the whole module, started together:
 
-- `open_server`: loopback, no key, a one-slot queue, a 3 MB body cap and a 4096-token context;
-- `keyed_server`: loopback with keys k1,k2 given through VLCHAT_API_KEY (the environment path);
+- `open_server`: loopback, no key, one request generating at a time and a one-slot queue, a 3 MB body cap
+  and a 4096-token context;
+- `keyed_server`: loopback with keys k1,k2,k5 given through VLCHAT_API_KEY (the environment path);
 - `closed_server`: 0.0.0.0 without a key, so /v1 must refuse (it is reached through 127.0.0.1).
 
 The tiny random model answers printable noise that practically never ends early, so every request
@@ -15,6 +16,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import socket
 import threading
 import time
@@ -29,7 +31,7 @@ from PIL import Image, ImageDraw
 from chat.images import UNSUPPORTED
 from tests.servers import Server, data_dir, metric
 
-KEYS = ("k1", "k2")
+KEYS = ("k1", "k2", "k5")
 BODY_LIMIT = 3_000_000
 CONTEXT = 4096
 LIMIT = 4096  # the default --max-new-tokens-limit
@@ -47,8 +49,8 @@ def servers(tmp_path_factory, model_dir):
         return data_dir(tmp_path_factory, model_dir, name)
 
     group = {
-        "open": Server(data("api-open"), "--max-waiting", "1", "--max-body-bytes", str(BODY_LIMIT),
-                       "--context-tokens", str(CONTEXT)),
+        "open": Server(data("api-open"), "--max-running", "1", "--max-waiting", "1",
+                       "--max-body-bytes", str(BODY_LIMIT), "--context-tokens", str(CONTEXT)),
         "keyed": Server(data("api-keyed"), env={"VLCHAT_API_KEY": ",".join(KEYS)}),
         "closed": Server(data("api-closed"), host="0.0.0.0"),
     }
@@ -630,3 +632,278 @@ def test_api_is_refused_on_a_public_address_without_a_key(closed_server):
     raises(openai.PermissionDeniedError, lambda: sdk.models.list(), 403, "api_disabled")
     health = httpx.get(base + "/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+# -- 11. owners: the prefix cache serves only the owner that built it (issue 9, item 1) ----------
+
+
+def cached(response) -> int:
+    return response.usage.prompt_tokens_details.cached_tokens
+
+
+def test_one_key_cannot_read_another_keys_text_through_cached_tokens(keyed_server):
+    base = keyed_server.base
+    alice, mallory, eve = (client(base, key) for key in KEYS)
+    secret = "My locker code is 4417 and my cat is called Biscuit. " * 6
+    wrong = "My locker code is 9023 and my dog is called Pumpkin. " * 6
+    assert len(secret) == len(wrong)
+
+    def ask(sdk: openai.OpenAI, messages: list[dict], **extra):
+        return sdk.chat.completions.create(model="vlchat", messages=messages, max_tokens=4, temperature=0, **extra)
+
+    first = ask(alice, [{"role": "user", "content": secret}])
+    right_guess = ask(mallory, [{"role": "user", "content": secret}])
+    wrong_guess = ask(eve, [{"role": "user", "content": wrong}])  # a fresh owner too: the same footing
+    assert right_guess.usage.prompt_tokens == first.usage.prompt_tokens
+    assert cached(right_guess) == cached(wrong_guess), "a matching guess is told apart from a wrong one"
+
+    # The owner's own next turn still reuses its prefix.
+    turn2 = ask(alice, [{"role": "user", "content": secret},
+                        {"role": "assistant", "content": first.choices[0].message.content},
+                        {"role": "user", "content": "And the cat's name again?"}])
+    assert cached(turn2) > first.usage.prompt_tokens // 2
+
+    # cache_salt splits one key further: a new salt reuses nothing of the same text, its own salt does.
+    other = "Quarterly numbers: revenue 7.1, costs 5.3, headcount 212. " * 6
+    salted = ask(alice, [{"role": "user", "content": other}], extra_body={"cache_salt": "team-a"})
+    again_b = ask(alice, [{"role": "user", "content": other}], extra_body={"cache_salt": "team-b"})
+    wrong_b = ask(alice, [{"role": "user", "content": other.replace("7.1", "9.9")}],
+                  extra_body={"cache_salt": "team-b2"})
+    assert cached(again_b) == cached(wrong_b) < salted.usage.prompt_tokens // 2
+    again_a = ask(alice, [{"role": "user", "content": other},
+                          {"role": "assistant", "content": salted.choices[0].message.content},
+                          {"role": "user", "content": "Sum them."}], extra_body={"cache_salt": "team-a"})
+    assert cached(again_a) > salted.usage.prompt_tokens // 2
+    unsalted = ask(alice, [{"role": "user", "content": other}])  # the key alone is yet another owner
+    assert cached(unsalted) < salted.usage.prompt_tokens // 2
+
+
+def test_anonymous_callers_are_one_owner_and_cache_salt_is_checked(open_server):
+    sdk = client(open_server.base)
+    text = "Anonymous callers share one owner: this sentence is long enough to fill a few blocks. " * 4
+    first = sdk.chat.completions.create(model="vlchat", messages=[{"role": "user", "content": text}], max_tokens=2)
+    other = client(open_server.base, "another-anonymous-client")
+    second = other.chat.completions.create(model="vlchat", messages=[{"role": "user", "content": text}],
+                                           max_tokens=2)
+    assert cached(second) > first.usage.prompt_tokens // 2
+    url = open_server.base + "/v1/chat/completions"
+    ask = {"model": "vlchat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for salt in (5, ["a"], "x" * 257, "\ud800"):
+        r = httpx.post(url, content=json.dumps({**ask, "cache_salt": salt}).encode(), timeout=30,
+                       headers={"Content-Type": "application/json"})
+        envelope(r, 400, param="cache_salt")
+    r = httpx.post(url, json={**ask, "cache_salt": "y" * 256}, timeout=30)
+    assert r.status_code == 200, r.text
+
+
+def test_owner_is_a_short_hash_of_the_key_never_the_key():
+    import hashlib
+
+    from chat.api import owner_of_key
+
+    assert owner_of_key("sk-very-secret") == "api:" + hashlib.sha256(b"sk-very-secret").hexdigest()[:16]
+    assert "sk-very-secret" not in owner_of_key("sk-very-secret")
+    assert owner_of_key("") == owner_of_key(None) == "api:anonymous"
+    assert owner_of_key("k1") != owner_of_key("k2")
+
+
+# -- 12. a huge prompt is refused before it is tokenized; other streams keep flowing (item 2) ----
+
+
+class TimedStream:
+    """A streaming request in a thread that records when each chunk arrived."""
+
+    def __init__(self, sdk: openai.OpenAI) -> None:
+        self.times: list[float] = []
+        self.error: Exception | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(sdk,), daemon=True)
+        self.thread.start()
+
+    def _run(self, sdk: openai.OpenAI) -> None:
+        try:
+            stream = sdk.chat.completions.create(model="vlchat", max_tokens=3000, stream=True,
+                                                 messages=[{"role": "user", "content": "Write forever."}])
+            with stream:
+                for _ in stream:
+                    self.times.append(time.monotonic())
+                    if self.stop.is_set():
+                        return
+        except Exception as exc:  # reported to the test
+            self.error = exc
+
+    def largest_gap(self, start: float, end: float) -> float:
+        stamps = [start] + [t for t in self.times if start < t < end] + [end]
+        return max(b - a for a, b in zip(stamps, stamps[1:], strict=False))
+
+
+def test_a_49_mb_prompt_is_refused_in_seconds_while_another_stream_flows(keyed_server):
+    base = keyed_server.base
+    wait_idle(base)
+    flowing = TimedStream(client(base, KEYS[0]))
+    try:
+        deadline = time.monotonic() + 60
+        while len(flowing.times) < 5 and time.monotonic() < deadline and flowing.error is None:
+            time.sleep(0.05)
+        assert len(flowing.times) >= 5, flowing.error
+        body = json.dumps({"model": "vlchat", "messages": [{"role": "user", "content": "a" * 49_000_000}]}).encode()
+        started = time.monotonic()
+        r = httpx.post(base + "/v1/chat/completions", content=body, timeout=30,
+                       headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEYS[0]}"})
+        took = time.monotonic() - started
+        time.sleep(1.0)  # and the stream goes on after it
+        ended = time.monotonic()
+        err = envelope(r, 400, "context_length_exceeded", "messages")
+        assert "49,000,000 characters" in err["message"]
+        assert took < 5, f"the refusal took {took:.1f} s"
+        gap = flowing.largest_gap(started, ended)
+        assert gap < 2, f"the other stream stalled for {gap:.1f} s"
+    finally:
+        flowing.stop.set()
+        flowing.thread.join(30)
+    assert flowing.error is None, flowing.error
+
+
+# -- 13. image caps are checked before any image is decoded (item 5) ----------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def big_picture(size: tuple[int, int] = (6000, 6000)) -> bytes:
+    """A real, fully decodable 36-megapixel PNG (small on the wire: it is mostly one colour)."""
+    img = Image.new("RGB", size, (200, 30, 30))
+    ImageDraw.Draw(img).rectangle((100, 100, 900, 900), fill=(0, 0, 255))
+    out = io.BytesIO()
+    img.save(out, "PNG")
+    return out.getvalue()
+
+
+def test_forty_big_images_are_refused_before_any_is_decoded(keyed_server):
+    """40 images of 36 MP (each under the 40 MP cap): over the 32-per-conversation limit, refused at once."""
+    base = keyed_server.base
+    url = data_url(big_picture())
+    headers = {"Authorization": f"Bearer {KEYS[0]}"}
+    # Five messages of eight: each message is within its limit, the request is not.
+    five_by_eight = [user(f"Picture set {i}.", *[url] * 8) for i in range(5)]
+    # Seven good big ones, then one whose header alone says it is too big (50 MP).
+    header_bomb = data_url(real_png_header(10_000, 5_000))
+    seven_then_bomb = [user("Look.", *[url] * 7, header_bomb)]
+    for messages, status_says, param in (
+            (five_by_eight, "more than 32 images", "messages"),
+            (seven_then_bomb, "10000x5000 pixels", "messages[0].content[7].image_url.url")):
+        wait_idle(base)
+        before = cpu_seconds(keyed_server.proc.pid)
+        started = time.monotonic()
+        r = httpx.post(base + "/v1/chat/completions", headers=headers, timeout=60,
+                       json={"model": "vlchat", "max_tokens": 2, "messages": messages})
+        took = time.monotonic() - started
+        used = cpu_seconds(keyed_server.proc.pid) - before
+        envelope(r, 400, param=param, says=status_says)
+        assert used < 0.8, f"the server spent {used:.2f} s of CPU (it decoded images it was going to refuse)"
+        assert took < 3, took
+
+
+def real_png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height and has one tiny (wrong) data chunk: only a header check is cheap."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+# -- 14. malformed JSON shapes are 400s, never 500s; disconnects leave a quiet log (item 7) -----
+
+
+def test_json_the_decoder_chokes_on_is_a_400(open_server):
+    url = open_server.base + "/v1/chat/completions"
+    json_headers = {"Content-Type": "application/json"}
+
+    def post(raw: bytes) -> httpx.Response:
+        return httpx.post(url, content=raw, headers=json_headers, timeout=30)
+
+    envelope(post(b"[" * 10_000 + b"]" * 10_000), 400, says="nested too deeply")
+    deep = b'{"model": "vlchat", "metadata": ' + b'{"a": ' * 10_000 + b"1" + b"}" * 10_000 + b"}"
+    envelope(post(deep), 400, says="nested too deeply")
+    envelope(post(b'{"model": "vlchat", "max_tokens": ' + b"9" * 5000 + b"}"), 400, says="too many digits")
+    envelope(post(b'{"model": "vlchat", "seed": -' + b"1" * 5000 + b"}"), 400, says="too many digits")
+    envelope(post(b'{"model": "vlchat", "temperature": NaN, "messages": []}'), 400, says="NaN")
+    envelope(post(b'{"model": "vlchat", "temperature": Infinity, "messages": []}'), 400, says="Infinity")
+    envelope(post(b'{"model": "vlchat", "messages": [{"role": "user", "content": "caf\xe9"}]}'), 400,
+             says="UTF-8")
+
+    # A lone surrogate ("\ud800" is valid JSON but not a character): refused before it reaches the tokenizer.
+    def ask(messages: list[dict], **extra) -> httpx.Response:
+        return post(json.dumps({"model": "vlchat", "max_tokens": 2, "messages": messages, **extra}).encode())
+
+    generated = metric(open_server.base, GENERATED)
+    envelope(ask([{"role": "user", "content": [{"type": "text", "text": "hi \ud800 there"}]}]), 400,
+             param="messages[0].content[0].text", says="surrogate")
+    envelope(ask([{"role": "user", "content": "\udfff"}]), 400, param="messages[0].content")
+    envelope(ask([{"role": "system", "content": "be \ud83d"}, {"role": "user", "content": "hi"}]), 400,
+             param="messages[0].content")
+    envelope(ask([{"role": "user", "content": "hi"}], stop=["\ud800"]), 400, param="stop")
+    envelope(ask([{"role": "user", "content": "hi"}], model="\ud800"), 404, "model_not_found")
+    envelope(ask([{"role": "\ud800", "content": "hi"}]), 400, param="messages[0].role")
+    assert metric(open_server.base, GENERATED) == generated
+    # A real astral character (a surrogate pair in JSON) is fine.
+    r = ask([{"role": "user", "content": "a cat \ud83d\udc31"}])
+    assert r.status_code == 200, r.text
+
+
+def test_clients_that_go_away_leave_no_tracebacks_in_the_log(open_server):
+    base = open_server.base
+    sdk = client(base)
+    wait_idle(base)
+    log_start = open_server.log.stat().st_size
+    for _ in range(4):  # streams closed after a few chunks
+        stream = sdk.chat.completions.create(model="vlchat", messages=[{"role": "user", "content": "Write."}],
+                                             max_tokens=3000, stream=True)
+        pieces = iter(stream)
+        for _ in range(3):
+            next(pieces)
+        stream.close()
+    with pytest.raises(openai.APITimeoutError):  # a plain request given up on
+        sdk.with_options(timeout=0.5).chat.completions.create(
+            model="vlchat", messages=[{"role": "user", "content": "Write forever."}], max_tokens=2000)
+    with socket.create_connection(("127.0.0.1", open_server.port), timeout=5) as raw:  # a body cut off midway
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 100000\r\n\r\n{\"model\": \"vlchat\", \"messages\": [")
+    with socket.create_connection(("127.0.0.1", open_server.port), timeout=5) as raw:  # a stream dropped at once
+        body = json.dumps({"model": "vlchat", "max_tokens": 500, "stream": True,
+                           "messages": [{"role": "user", "content": "Hi"}]}).encode()
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        raw.recv(100)
+    wait_idle(base)
+    time.sleep(0.5)
+    assert sdk.chat.completions.create(model="vlchat", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=2).usage.completion_tokens == 2
+    with open_server.log.open("rb") as f:
+        f.seek(log_start)
+        added = f.read().decode("utf-8", "replace")
+    assert "Traceback" not in added, added[-3000:]
+    assert added.count("\n") < 20, added[-3000:]
+
+
+def test_engine_errors_map_to_statuses_clients_understand():
+    from chat.api import engine_error, failed_error
+    from chat.engine.types import Busy, ContextTooLong, Failed, NotReady, ShuttingDown
+
+    for exc in (Busy(3), NotReady(), ShuttingDown()):
+        err = engine_error(exc)
+        assert (err.status, err.code, err.headers.get("Retry-After")) == (503, exc.code, "2")
+    err = engine_error(ContextTooLong("too long"))
+    assert (err.status, err.code, err.param) == (400, "context_length_exceeded", "messages")
+    err = failed_error(Failed("The server is restarting.", "shutting_down"))
+    assert (err.status, err.code, err.headers.get("Retry-After")) == (503, "shutting_down", "2")
+    err = failed_error(Failed("too long", "context_length_exceeded"))
+    assert (err.status, err.code) == (400, "context_length_exceeded")
+    assert failed_error(Failed("boom", "generation_failed")).status == 500
