@@ -15,6 +15,8 @@ from chat.images import (
     ALLOWED_FORMATS,
     CleanImage,
     ImageError,
+    check_header,
+    check_size,
     open_clean,
     sanitize,
     smart_resize,
@@ -282,6 +284,26 @@ def test_too_many_pixels_refused_before_decoding(size, max_pixels):
     with pytest.raises(ImageError) as err:
         sanitize(png_header_only(*size), max_pixels=max_pixels)
     assert "pixels" in str(err.value) and str(err.value) != DAMAGED
+
+
+def test_check_header_reads_the_header_only():
+    # Junk pixel data: check_header accepts it (nothing is decoded), sanitize would not.
+    assert check_header(png_header_only(6000, 6000)) == (6000, 6000)
+    with pytest.raises(ImageError, match="7000x7000 pixels"):
+        check_header(png_header_only(7000, 7000))
+    with pytest.raises(ImageError, match="aspect ratio"):
+        check_header(png_header_only(10_000, 20))
+    with pytest.raises(ImageError, match="Unsupported"):
+        check_header(b"GIF89" + b"x" * 100)
+    with pytest.raises(ImageError, match="the limit is 0.00002 MB"):
+        check_header(png_header_only(64, 64), max_bytes=20)
+
+
+def test_check_size_refuses_by_count_alone():
+    check_size(20_000_000, 20_000_000)
+    with pytest.raises(ImageError) as err:
+        check_size(20_000_001, 20_000_000)
+    assert str(err.value) == "Image is 20.000001 MB; the limit is 20 MB."
 
 
 def test_header_only_png_within_limits_is_damaged():

@@ -1,11 +1,12 @@
-"""Hostile and odd images through both doors: the page's `ui._clean_uploads` and /v1 on a real server.
+"""Hostile and odd images through both doors: the page's intake (`chat.uploads`) and /v1 on a real server.
 
 ROWS is the one table. Every input is built here in code (nothing is read from disk), and every row
 states what each door must do with it:
 
-- the page (`_clean_uploads(ctx, [path])`, the file written under a misleading name where that is the
+- the page (its intake as `ui.send` runs it: `uploads.check_files` for all files, then
+  `uploads.clean_files`, then the store; the file written under a misleading name where that is the
   point) stores exactly one clean image (8-bit RGB, PNG or JPEG, no EXIF/ICC, the expected size) or
-  raises `gr.Error` naming the problem;
+  raises a `Notice` naming the problem;
 - the API (the same bytes as a data URL, through the real `openai` client) answers 200 with text, or
   400/413 with the error code and a message carrying the same phrase as the page.
 
@@ -29,7 +30,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import gradio as gr
 import httpx
 import openai
 import pytest
@@ -38,7 +38,9 @@ from PIL import ExifTags, Image
 from chat import ui
 from chat.config import Settings
 from chat.images import plan
+from chat.notices import Notice
 from chat.store import Store
+from chat.uploads import check_files, clean_files
 from tests.servers import Server, data_dir
 
 # The limits both doors share: small enough to keep the payloads small.
@@ -68,12 +70,12 @@ class Ok:
     size: tuple[int, int]
     mime: str = "image/png"
     check: Callable[[Image.Image, bytes], None] | None = None  # more about the stored image (page)
-    seconds: float | None = None  # the page's _clean_uploads must take less than this
+    seconds: float | None = None  # the page's intake must take less than this
 
 
 @dataclass(frozen=True)
 class No:
-    """Refused. Page: gr.Error containing `phrase`; API: `status` with `code`, `param` and `phrase`."""
+    """Refused. Page: a Notice containing `phrase`; API: `status` with `code`, `param` and `phrase`."""
 
     phrase: str
     status: int = 400
@@ -436,7 +438,7 @@ ROWS = [
     # Not an image, or not an allowed one, whatever the name says.
     Row("empty", lambda: b"", **both(No("The image file is empty."))),
     Row("random_bytes", random_bytes, name="photo.jpg", mime="image/jpeg", **both(No(UNSUPPORTED))),
-    Row("over_byte_cap_2_5mb", over_byte_cap, **both(No("Image is 2.5 MB; the limit is 2 MB."))),
+    Row("over_byte_cap_2_5mb", over_byte_cap, **both(No("is 2.5 MB; the limit is 2 MB."))),
     Row("zip_named_cat_png", zip_named_png, name="cat.png", **both(No(UNSUPPORTED))),
     Row("svg_named_png", svg, name="logo.png", mime="image/svg+xml", **both(No(UNSUPPORTED))),
     Row("tiff_named_png", tiff, name="scan.png", **both(No(UNSUPPORTED))),
@@ -529,11 +531,18 @@ def test_the_table():
 
 @pytest.fixture(scope="module")
 def page_ctx(tmp_path_factory):
-    """A Ctx with a real Store and the shared limits. `_clean_uploads` never touches the engine: None says so."""
+    """A Ctx with a real Store and the shared limits. The intake never touches the engine: None says so."""
     data = tmp_path_factory.mktemp("page-data")
     store = Store(data)
     yield ui.Ctx(store=store, engine=None, settings=Settings(data_dir=data, **LIMITS), random_weights=True)
     store.close()
+
+
+def page_intake(ctx: ui.Ctx, paths: list[str]) -> list[str]:
+    """The page's intake as `ui.send` runs it: every file checked (nothing decoded), then cleaned, then stored."""
+    check_files(paths, ctx.settings)
+    images = clean_files(paths, ctx.settings)
+    return [ctx.store.put_image(i.data, mime=i.mime, width=i.width, height=i.height) for i in images]
 
 
 def stored_count(ctx: ui.Ctx) -> int:
@@ -560,8 +569,8 @@ def test_page(row: Row, page_ctx: ui.Ctx, tmp_path: Path):
 
     started = time.perf_counter()
     if isinstance(expect, No):
-        with pytest.raises(gr.Error) as info:
-            ui._clean_uploads(page_ctx, paths)
+        with pytest.raises(Notice) as info:
+            page_intake(page_ctx, paths)
         took = time.perf_counter() - started
         message = info.value.message
         assert expect.phrase in message, message
@@ -569,7 +578,7 @@ def test_page(row: Row, page_ctx: ui.Ctx, tmp_path: Path):
             assert message.startswith(f"{row.name}: "), message
         assert stored_count(page_ctx) == before  # nothing of a refused upload is kept
     else:
-        ids = ui._clean_uploads(page_ctx, paths)
+        ids = page_intake(page_ctx, paths)
         took = time.perf_counter() - started
         assert len(ids) == len(files)
         for sha in ids:
