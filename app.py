@@ -190,7 +190,7 @@ def create_app(settings: Settings):
     guarded = LoginThrottle(guarded, getattr(settings, "login_failures_per_minute", 5))
     guarded = NoSideDoors(guarded, expose_docs=expose_docs)
     guarded = BodyTimeout(guarded, getattr(settings, "body_timeout_seconds", 30))
-    guarded = SecurityHeaders(guarded)
+    guarded = SecurityHeaders(guarded, csp_exempt=("/docs", "/redoc") if expose_docs else ())
     return guarded, ctx, store
 
 

@@ -159,4 +159,4 @@ def quiet_signals_after_run() -> None:
     database closes, and the exit status would be -15 instead of 0.
     """
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: log.info("stopping (signal %d)", signum))
+        signal.signal(sig, lambda signum, frame: log.debug("signal %d after the server stopped", signum))

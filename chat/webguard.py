@@ -40,23 +40,30 @@ async def _answer(send: Send, status: int, message: str, headers: list[tuple[byt
 
 
 class SecurityHeaders:
-    """Adds nosniff and no-referrer to every answer, and the Content-Security-Policy to HTML ones."""
+    """Adds nosniff and no-referrer to every answer, and the Content-Security-Policy to HTML ones.
 
-    def __init__(self, app: ASGIApp, csp: str = CSP) -> None:
+    `csp_exempt` paths (FastAPI's /docs and /redoc, which load their viewers from a CDN, when an
+    operator exposes them) get no CSP.
+    """
+
+    def __init__(self, app: ASGIApp, csp: str = CSP, csp_exempt: tuple[str, ...] = ()) -> None:
         self.app = app
         self.csp = csp.encode()
+        self.csp_exempt = csp_exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        with_csp = scope["path"] not in self.csp_exempt
 
         async def with_headers(message: dict) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", ()))
                 present = {k.lower() for k, _ in headers}
                 extra = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
-                if any(k.lower() == b"content-type" and v.lower().startswith(b"text/html") for k, v in headers):
+                if with_csp and any(k.lower() == b"content-type" and v.lower().startswith(b"text/html")
+                                    for k, v in headers):
                     extra.append((b"content-security-policy", self.csp))
                 headers += [(k, v) for k, v in extra if k not in present]
                 message = {**message, "headers": headers}
