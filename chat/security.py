@@ -40,7 +40,7 @@ STATE_KEY = "vlchat_browser"
 MIGRATE_PATH = "/identity/migrate"
 COOKIE_MAX_AGE = 400 * 24 * 3600  # browsers cap cookie lifetimes at 400 days; each page load renews it
 _ID = re.compile(r"[0-9a-f]{32}")
-# Requests whose answers never carry the cookie: programs, probes, and the page's static files.
+# Requests whose answers never carry the cookie: programs and probes.
 _NO_COOKIE_PREFIXES = ("/v1/", "/health", "/metrics")
 
 
