@@ -129,8 +129,8 @@ class GracefulServer(uvicorn.Server):
     async def shutdown(self, sockets=None) -> None:
         """Drain (open streams get their last event), stop accepting, disconnect the rest, then uvicorn's."""
         if self.on_shutdown is not None:
-            try:
-                self.on_shutdown()
+            try:  # off the event loop: ending a request may write its result to the database
+                await asyncio.to_thread(self.on_shutdown)
             except Exception:  # the rest of the shutdown must happen whatever this did
                 log.exception("draining open requests failed")
         for server in self.servers:
