@@ -9,11 +9,9 @@ answers, stops the engine, then closes the database (`chat.serving`).
 
 from __future__ import annotations
 
-import inspect
 import ipaddress
 import logging
 import os
-import secrets
 import sys
 import threading
 from pathlib import Path
@@ -38,16 +36,13 @@ class _NotLoaded:
         raise NotReady()
 
 
-def browser_key(data_dir: Path, create: bool = True) -> str | None:
-    """The key older pages encrypted browser identities with (BrowserState); kept only to migrate them."""
+def legacy_browser_key(data_dir: Path) -> str | None:
+    """The key older pages encrypted browser identities with (Gradio BrowserState), if there is one.
+
+    It is never sent to a client any more; it only decrypts an old identity on its first visit.
+    """
     path = data_dir / "browser.key"
-    if not path.exists():
-        if not create:
-            return None
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32))
-    return path.read_text().strip()
+    return path.read_text().strip() if path.exists() else None
 
 
 def local_theme():
@@ -161,15 +156,11 @@ def create_app(settings: Settings):
     app.add_route("/metrics", metrics, methods=["GET"])
 
     hours = settings.gradio_cache_hours * 3600
-    legacy_key = browser_key(settings.data_dir, create=False)
-    if "browser_key" in inspect.signature(page.build).parameters:  # the page still keeps BrowserState
-        legacy_key = browser_key(settings.data_dir)
-        demo = page.build(ctx, legacy_key, delete_cache=(min(hours, 3600), hours))
-    else:
-        demo = page.build(ctx, delete_cache=(min(hours, 3600), hours))
+    legacy_key = legacy_browser_key(settings.data_dir)
+    demo = page.build(ctx, delete_cache=(min(hours, 3600), hours))
     demo.queue(api_open=False, max_size=settings.max_waiting * 4, default_concurrency_limit=None)
     auth = tuple(settings.auth.split(":", 1)) if settings.auth else None
-    options = dict(getattr(page, "mount_options", lambda ctx: {})(ctx))
+    options = dict(page.mount_options(ctx))
     migrate_js = (ASSETS / "migrate-identity.js").read_text()
     options["head"] = f"<script>{migrate_js}</script>" + options.get("head", "")
     options.setdefault("theme", local_theme())
