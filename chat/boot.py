@@ -16,6 +16,20 @@ from chat.config import Settings
 log = logging.getLogger("vlchat")
 
 
+def cpu_threads(asked: int) -> int:
+    """Torch threads on the CPU: as asked, else one per core but one (left to the web server and the
+    tokenizer, so they never wait on the model), at least 1 and at most 8 (more only adds contention)."""
+    import os
+
+    return asked if asked > 0 else max(1, min(8, len(os.sched_getaffinity(0)) - 1))
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _fail(ctx, server, message: str) -> None:
     ctx.status.fail(message)
     print(f"\nvlchat could not start: {message}\n", file=sys.stderr, flush=True)
@@ -32,6 +46,12 @@ def start_engine(settings: Settings, store, ctx, server) -> None:
 
     status = ctx.status
     try:
+        threads = cpu_threads(getattr(settings, "cpu_threads", 0))
+        if settings.device == "cpu" or not _has_gpu():
+            import torch
+
+            torch.set_num_threads(threads)
+            log.info("the model runs on the CPU with %d threads (--cpu-threads)", threads)
         status.set("loading")
         loaded = load(settings.model, settings.data_dir, settings.device, progress=status.set)
         engine = Engine(

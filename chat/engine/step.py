@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from chat.engine.kv import KVTensors
+from chat.engine.layer_ops import Ops, fuse_projections
 
 
 @dataclass
@@ -90,7 +91,7 @@ class PagedAttention:
 class ModelStep:
     """Runs packed batches through one Qwen3-VL decoder, reading and writing the paged pool."""
 
-    def __init__(self, model, kv: KVTensors) -> None:
+    def __init__(self, model, kv: KVTensors, compiled: bool = False) -> None:
         text = model.model.language_model
         cfg = model.config.get_text_config()
         self.layers = list(text.layers)
@@ -101,8 +102,13 @@ class ModelStep:
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps = float(cfg.rms_norm_eps)
         self.kv = kv
         self.attention = PagedAttention(kv, self.layers[0].self_attn.scaling)
+        self.ops = Ops(compiled)
+        # q/k/v and gate/up as one matrix multiply each (SiLU-gated MLPs only, as Qwen3-VL's is).
+        self.fused = fuse_projections(self.layers) if getattr(cfg, "hidden_act", "silu") == "silu" else None
+        self.q_size, self.kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
 
     def hidden(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend,
                visual_rows: torch.Tensor | None = None, visual_embeds: torch.Tensor | None = None,
@@ -112,26 +118,35 @@ class ModelStep:
         `attend(layer, q)` maps (T, heads, dim) queries to outputs, reading the pool after this
         layer's keys and values were written. Free of host syncs, so a decode step can be captured.
         """
-        t = ids.shape[0]
+        t, ops, eps = ids.shape[0], self.ops, self.eps
         h = self.embed(ids)
         if visual_rows is not None:
             h[visual_rows] = visual_embeds.to(h.dtype)
         cos, sin = self.rotary(h, positions.view(3, 1, t))
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (T, 1, dim)
+        x = ops.rms(h, self.layers[0].input_layernorm.weight, eps)
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_norm(attn.q_proj(x).view(t, self.n_heads, self.head_dim))
-            k = attn.k_norm(attn.k_proj(x).view(t, self.n_kv, self.head_dim))
-            v = attn.v_proj(x).view(t, self.n_kv, self.head_dim)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            self.kv.write(i, slots, k, v)
-            h = h + attn.o_proj(attend(i, q).reshape(t, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-            if i < len(deepstack):
+            attn, mlp = layer.self_attn, layer.mlp
+            if self.fused is not None:
+                q, k, v = F.linear(x, self.fused[i][0]).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            else:
+                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            q = ops.norm_rope(q.view(t, self.n_heads, self.head_dim), attn.q_norm.weight, eps, cos, sin)
+            k = ops.norm_rope(k.view(t, self.n_kv, self.head_dim), attn.k_norm.weight, eps, cos, sin)
+            self.kv.write(i, slots, k, v.reshape(t, self.n_kv, self.head_dim))
+            h, x = ops.add_rms(h, attn.o_proj(attend(i, q).reshape(t, -1)), layer.post_attention_layernorm.weight, eps)
+            if self.fused is not None:
+                delta = mlp.down_proj(ops.swiglu(F.linear(x, self.fused[i][1])))
+            else:
+                delta = mlp(x)
+            following = self.layers[i + 1].input_layernorm.weight if i + 1 < len(self.layers) else self.norm.weight
+            if i < len(deepstack):  # image rows get this layer's DeepStack features on top
+                h = h + delta
                 h[visual_rows] += deepstack[i].to(h.dtype)
-        return self.norm(h)
+                x = ops.rms(h, following, eps)
+            else:
+                h, x = ops.add_rms(h, delta, following, eps)
+        return x
 
     @torch.inference_mode()
     def forward(self, batch: PackedBatch) -> torch.Tensor:

@@ -71,14 +71,23 @@ def _gpu_setup(engine) -> None:
 
     if engine.auto_kv:
         engine.resize_pool(engine.auto_kv_bytes())
-    started = time.monotonic()
-    try:
-        max_blocks = -(-engine.max_context // engine.pool.block_size)
-        graphs = DecodeGraphs(engine.step_runner, engine.scheduler.max_running, max_blocks)
-        graphs.capture()
-        engine.graphs = graphs
-        log.info("captured decode graphs for batch sizes %s in %.1f s", graphs.sizes, time.monotonic() - started)
-    except Exception:  # a GPU or driver that cannot capture: serve eagerly, slower but right
-        log.exception("decode graph capture failed; decode steps run eagerly")
-        engine.graphs = None
-        torch.cuda.empty_cache()
+    from chat.engine.layer_ops import Ops
+
+    step = engine.step_runner
+    max_blocks = -(-engine.max_context // engine.pool.block_size)
+    for compiled in (True, False):  # compiled layer ops if this GPU's toolchain can build them
+        started = time.monotonic()
+        try:
+            step.ops = Ops(compiled)
+            graphs = DecodeGraphs(step, engine.scheduler.max_running, max_blocks)
+            graphs.capture()
+            engine.graphs = graphs
+            log.info("captured decode graphs for batch sizes %s in %.1f s (layer ops %s)", graphs.sizes,
+                     time.monotonic() - started, "compiled" if compiled else "plain")
+            return
+        except Exception:  # noqa: BLE001 - fall back: plain ops, then no graphs at all
+            log.exception("decode graph capture failed with %s layer ops", "compiled" if compiled else "plain")
+            engine.graphs = None
+            torch.cuda.empty_cache()
+    step.ops = Ops(False)
+    log.warning("decode steps run eagerly (slower)")
