@@ -77,8 +77,9 @@ class DecodeGraphs:
         self.steps = 0  # decode steps served
 
     def splits(self, batch: int) -> int:
-        """How many slices each sequence's context is cut into: about four programs per SM in flight."""
-        return max(1, min(32, math.ceil(4 * self.sms / (batch * self.step.n_kv))))
+        """How many slices each sequence's context is cut into: about four programs per SM in flight,
+        and never fewer than 8 (measured on an H200: 32 at batch 1, 9 at 8, 8 from 32 up were best)."""
+        return max(8, min(32, math.ceil(4 * self.sms / (batch * self.step.n_kv))))
 
     def _decode(self, b: int) -> None:
         splits = self.splits(b)
