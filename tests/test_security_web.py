@@ -312,6 +312,10 @@ def test_arriving_from_a_link_on_another_site_keeps_the_identity(plain, browser)
 
 
 def test_sigterm_ends_the_process_in_seconds_with_open_streams_and_tabs(tmp_path_factory, model_dir, browser):
+    import sqlite3
+
+    from tests.test_e2e_browser import open_settings, send, set_setting
+
     srv = Server(data_dir(tmp_path_factory, model_dir, "sec-term"), "--max-new-tokens-limit", "30000").start()
     events: list[str] = []
 
@@ -326,15 +330,20 @@ def test_sigterm_ends_the_process_in_seconds_with_open_streams_and_tabs(tmp_path
         except httpx.HTTPError as exc:
             events.append(f"closed: {exc!r}")
 
-    reader = threading.Thread(target=stream, daemon=True)
-    reader.start()
     context = browser.new_context()
     page = context.new_page()
     try:
-        page.goto(srv.base + "/")
+        page.goto(srv.base + "/")  # one tab answering, through Gradio's queue stream
         page.locator("#input textarea").wait_for(timeout=30_000)
+        open_settings(page)
+        set_setting(page, "max-new-tokens", "30000")
+        send(page, "A page answer cut by a restart")
+        page.wait_for_function("() => { const b = document.querySelectorAll('#chat .bot-row');"
+                               " return b.length && b[b.length-1].innerText.length > 40; }", timeout=30_000)
+        reader = threading.Thread(target=stream, daemon=True)  # and one API stream
+        reader.start()
         deadline = time.monotonic() + 30
-        while len(events) < 5:  # the answer is streaming
+        while len(events) < 5:
             assert time.monotonic() < deadline, events
             time.sleep(0.1)
         started = time.monotonic()
@@ -346,10 +355,14 @@ def test_sigterm_ends_the_process_in_seconds_with_open_streams_and_tabs(tmp_path
         srv.stop()
     reader.join(10)
     assert code == 0 and took < 10, (code, took)
-    last = [e for e in events if "restarting" in e or e.startswith("closed")]
-    assert last, events[-3:]
+    assert [e for e in events if "restarting" in e or e.startswith("closed")], events[-3:]
     log = srv.log.read_text()
     assert "Exception in ASGI application" not in log and "Traceback" not in log
+    # The page's answer was saved as cut short (not left pending) before the database closed.
+    db = sqlite3.connect(srv.data_dir / "vlchat.db")
+    statuses = [row[0] for row in db.execute("select status from messages where role = 'assistant'")]
+    db.close()
+    assert statuses and "pending" not in statuses, statuses
 
 
 def test_a_client_that_never_finishes_its_headers_is_cut_off(locked):
