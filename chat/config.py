@@ -75,6 +75,10 @@ class Settings:
     max_running_per_owner: int = _opt(
         16, "Requests one owner (a browser, a login or an API key) may have generating at once.", lo=1
     )
+    cpu_threads: int = _opt(
+        0, "Torch threads for the model on the CPU; 0 picks one per core but one (left to the web server), at "
+        "most 8. With several servers on one machine, lower it.", lo=0,
+    )
     feature_cache_mb: int = _opt(1024, "Memory budget for kept vision features, in MiB.", lo=0)
     max_message_chars: int = _opt(100_000, "Longest text of one page message, in characters.", lo=1)
     gradio_cache_hours: int = _opt(1, "Gradio's temporary upload files older than this are deleted.", lo=1)
@@ -87,7 +91,7 @@ class Settings:
     shutdown_grace_seconds: int = _opt(5, "On SIGTERM, seconds open answers get to end before the server stops.",
                                        lo=0)
     header_timeout_seconds: int = _opt(15, "Seconds a client may take to send a request's headers.", lo=1)
-    body_timeout_seconds: int = _opt(30, "Seconds a client may take to send a request's body.", lo=1)
+    body_timeout_seconds: int = _opt(30, "Seconds a request body may stall between chunks; then 408.", lo=1)
     log_level: str = _opt("INFO", "Logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL.", check="log_level")
 
     def __post_init__(self) -> None:

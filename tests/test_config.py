@@ -77,6 +77,7 @@ def bad(argv: list[str], env: dict | None = None) -> str:
     (["--max-running", "0"], {}, "--max-running (VLCHAT_MAX_RUNNING) must be a whole number of at least 1"),
     ([], {"VLCHAT_MAX_RUNNING_PER_OWNER": "0"}, "--max-running-per-owner (VLCHAT_MAX_RUNNING_PER_OWNER)"),
     (["--max-batch-tokens", "8"], {}, "--max-batch-tokens (VLCHAT_MAX_BATCH_TOKENS)"),
+    ([], {"VLCHAT_CPU_THREADS": "-2"}, "--cpu-threads (VLCHAT_CPU_THREADS) must be a whole number of at least 0"),
     (["--gradio-cache-hours", "0"], {}, "--gradio-cache-hours (VLCHAT_GRADIO_CACHE_HOURS)"),
     (["--header-timeout-seconds", "0"], {}, "--header-timeout-seconds (VLCHAT_HEADER_TIMEOUT_SECONDS)"),
     (["--login-failures-per-minute", "-5"], {}, "--login-failures-per-minute (VLCHAT_LOGIN_FAILURES_PER_MINUTE)"),
