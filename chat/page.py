@@ -111,7 +111,9 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
                              feedback_options=None, placeholder="Attach or paste an image and ask about it.",
                              render_markdown=False, sanitize_html=True)
         with gr.Column(visible=False, elem_id="notice", elem_classes=["notice"]) as notice:
-            notice_text = gr.HTML("", elem_id="notice-text")
+            # Markdown, not gr.HTML: Gradio 6's HTML component evaluates templates with Function(),
+            # which the page's CSP (no 'unsafe-eval') refuses. The text is escaped in chat.notices.
+            notice_text = gr.Markdown("", elem_id="notice-text", sanitize_html=True)
             dismiss = gr.Button("Dismiss", size="sm", elem_id="dismiss-notice")
         status = gr.Markdown("", elem_id="status", container=False)
         box = gr.MultimodalTextbox(

@@ -17,8 +17,8 @@ from tests.servers import ROOT, Server, data_dir, metric
 
 CHROMIUM = os.environ.get("VLCHAT_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
-# Contexts bypass the page's Content-Security-Policy: Playwright's string evaluations need eval, and the
-# tests below prove the page itself loads nothing from elsewhere, whatever the CSP would block.
+# The page runs under its real Content-Security-Policy (no 'unsafe-eval'): Playwright gets functions, not
+# expressions, to evaluate.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 
@@ -42,7 +42,7 @@ def browser():
 
 @pytest.fixture
 def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, bypass_csp=True)
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
     pg = context.new_page()
     yield pg
     context.close()
@@ -114,7 +114,7 @@ def test_chat_two_turns_reload_and_reopen(server, page, photo):
     page.goto(server.base + "/")
     page.locator("#random-weights-banner").wait_for()
     open_settings(page)
-    set_setting(page, "max-new-tokens", "400")
+    set_setting(page, "max-new-tokens", "2000")  # long enough to see it stream
 
     page.set_input_files("#input input[type=file]", str(photo))
     # Before sending, the page says what the model will see of the image and what it costs.
@@ -137,11 +137,11 @@ def test_chat_two_turns_reload_and_reopen(server, page, photo):
     assert len(first_answer) > 20
     assert page.locator("#chat img").count() >= 1  # the image is shown inline
     ARTIFACTS.mkdir(exist_ok=True)  # a picture of the page for people to look at (and the README)
-    page.evaluate("window.scrollTo(0, 0)")
+    page.evaluate("() => window.scrollTo(0, 0)")
     page.screenshot(path=str(ARTIFACTS / "chat.png"))
 
     send(page, "Tell me more about the colours.")
-    page.wait_for_function("document.querySelectorAll('#chat .bot-row').length >= 2",
+    page.wait_for_function("() => document.querySelectorAll('#chat .bot-row').length >= 2",
                            timeout=30_000)
     wait_idle(page)
     # The image crossed the wire once and was encoded once for both turns.
@@ -186,7 +186,7 @@ def test_history_survives_restart_and_stays_private(server, page, photo, browser
     assert len(assistant_texts(page)) == 1
 
     # Another browser sees none of it.
-    other = browser.new_context(bypass_csp=True)
+    other = browser.new_context()
     stranger = other.new_page()
     stranger.goto(server.base + "/")
     stranger.locator("#input textarea").wait_for()
@@ -202,8 +202,8 @@ def test_stop_ends_a_long_answer(server, page):
     before = metric(server.base, "vlchat_generated_tokens_total")
     send(page, "Write forever.")
     page.wait_for_function(
-        "(() => { const b = document.querySelectorAll('#chat .bot-row');"
-        " return b.length && b[b.length-1].innerText.length > 40; })()", timeout=30_000)
+        "() => { const b = document.querySelectorAll('#chat .bot-row');"
+        " return b.length && b[b.length-1].innerText.length > 40; }", timeout=30_000)
     page.locator("#stop").click()
     page.locator("#chat").get_by_text("Stopped.").first.wait_for(timeout=15_000)
     after_stop = page.locator("#chat").inner_text()
@@ -218,15 +218,15 @@ def test_stop_ends_a_long_answer(server, page):
 
 
 def test_closing_the_tab_stops_the_answer_and_keeps_it(server, browser):
-    context = browser.new_context(bypass_csp=True)
+    context = browser.new_context()
     page = context.new_page()
     page.goto(server.base + "/")
     open_settings(page)
     set_setting(page, "max-new-tokens", "4096")
     send(page, "A long answer, then I leave")
     page.wait_for_function(
-        "(() => { const b = document.querySelectorAll('#chat .bot-row');"
-        " return b.length && b[b.length-1].innerText.length > 40; })()", timeout=30_000)
+        "() => { const b = document.querySelectorAll('#chat .bot-row');"
+        " return b.length && b[b.length-1].innerText.length > 40; }", timeout=30_000)
     context.close()
     db = sqlite3.connect(f"file:{server.data_dir / 'vlchat.db'}?mode=ro", uri=True)
     deadline = time.monotonic() + 30
@@ -309,7 +309,7 @@ def test_refusals_show_as_a_notice_in_the_chat_area(server, page):
     assert page.locator(".toast-body").count() == 0  # no red error overlay
     assert page.locator("#chat .user-row").count() == 0 and page.locator("#conversation-list label").count() == 0
     alert.focus()
-    assert page.evaluate("document.activeElement.getAttribute('role')") == "alert"
+    assert page.evaluate("() => document.activeElement.getAttribute('role')") == "alert"
     page.locator("#dismiss-notice").click()
     page.locator("#notice").wait_for(state="hidden", timeout=10_000)
     page.locator("#input textarea").fill("")
@@ -350,8 +350,8 @@ def test_switching_conversation_while_answering(server, page):
         question = f"Long answer before {leave}"
         send(page, question)
         page.wait_for_function(
-            "(() => { const b = document.querySelectorAll('#chat .bot-row');"
-            " return b.length && b[b.length-1].innerText.length > 40; })()", timeout=30_000)
+            "() => { const b = document.querySelectorAll('#chat .bot-row');"
+            " return b.length && b[b.length-1].innerText.length > 40; }", timeout=30_000)
         if leave == "open A":
             page.locator("#conversation-list label", has_text="Conversation A").first.click()
         else:

@@ -175,6 +175,9 @@ def test_switching_view_ends_the_stream_keeps_the_answer_and_routes_the_next_mes
         target = older if ctx.views[req.session_hash] == 1 else None
         follow = send(ctx, target, "next question", req=req)[0][0]
         assert follow != streaming and (target is None or follow == older)
+        deadline = time.monotonic() + 60  # the answer goes on in the background (alongside the next one)
+        while ctx.store.messages(OWNER, streaming)[-1]["status"] == "pending" and time.monotonic() < deadline:
+            time.sleep(0.05)
         rows = ctx.store.messages(OWNER, streaming)
         assert [r["text"] for r in rows if r["role"] == "user"] == ["a long one"]
         assert rows[-1]["status"] == "complete" and rows[-1]["usage"]["completion_tokens"] == 2500

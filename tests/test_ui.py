@@ -168,7 +168,7 @@ def test_stop_button_marks_the_answer_stopped(ctx):
     conv_id = updates[0][0]
     answer = ctx.store.messages(OWNER, conv_id)[-1]
     assert answer["status"] == "stopped"
-    assert 0 < answer["usage"]["completion_tokens"] < 100
+    assert 0 < answer["usage"]["completion_tokens"] < 1000  # well short of the 4000 asked for
     assert "Stopped" in text_of(updates[-1][1][-1])
     assert req.session_hash not in ctx.active
 
