@@ -290,3 +290,21 @@ def test_typed_special_tokens_stay_plain_text(engine, loaded):
     im_start = loaded.processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert counts[im_start] == 2  # the user turn and the assistant turn; nothing typed became a role switch
     assert isinstance(run(engine, [user(typed, "red")])[-1], Done)
+
+
+def test_byte_level_detokenizing_equals_the_tokenizers_own_decode(loaded):
+    from chat.engine.detok import ByteStream, token_bytes
+
+    tok = loaded.processor.tokenizer
+    table = token_bytes(tok)
+    assert table is not None  # the tiny tokenizer is byte-level, like Qwen's
+    text = "añ€😀z <|im_end|> plain\nline"
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+    gen = torch.Generator().manual_seed(0)
+    for sequence in (ids, torch.randint(0, len(table), (300,), generator=gen).tolist()):
+        stream = ByteStream(table)
+        pieces = [stream.push(i) for i in sequence]
+        expected = tok.decode(sequence, skip_special_tokens=True)
+        assert "".join(pieces) == stream.text
+        assert expected.startswith(stream.text) and len(expected) - len(stream.text) <= 1  # a trailing partial
+        assert all(p == "" or not p.endswith("\ufffd") or "\ufffd" in expected for p in pieces)

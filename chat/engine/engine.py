@@ -294,7 +294,7 @@ class Engine:
 
     def _sequence(self, handle: Handle) -> Sequence:
         seq = Sequence(handle, handle.prompt, self.pool.block_size, self.max_context, self.runner.eos_ids,
-                       self.runner.processor.tokenizer)
+                       self.runner.processor.tokenizer, self.runner.token_table)
         if seq.params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(seq.params.seed)
         return seq

@@ -133,16 +133,16 @@ class DecodeGraphs:
         self.steps += 1
         bs = self.kv.block_size
         width = max(len(c.seq.blocks) for c in plan.chunks)
-        ids, pos, slots, lens = [], [], [], []
-        table = torch.zeros(b, width, dtype=torch.int32)
-        for i, chunk in enumerate(plan.chunks):
+        ids, pos, slots, lens, rows = [], [], [], [], []
+        for chunk in plan.chunks:
             seq, p = chunk.seq, chunk.start
             ids.append(seq.tokens[p])
             pos.append(seq.text_position(p))  # a decode row is text: its three M-RoPE axes are equal
             slots.append(seq.blocks[p // bs] * bs + p % bs)
             lens.append(p + 1)
-            table[i, : len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
+            rows.append(seq.blocks + [0] * (width - len(seq.blocks)))
         pad = b - n
+        table = torch.tensor(rows + [[0] * width] * pad, dtype=torch.int32)
         self.ids[:b].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
         self.pos[:b].copy_(torch.tensor(pos + [0] * pad), non_blocking=True)
         self.slots[:b].copy_(torch.tensor(slots + [0] * pad), non_blocking=True)

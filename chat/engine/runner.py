@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
+from chat.engine.detok import token_bytes
 from chat.engine.features import ImageFeatures
 from chat.images import detail_pixels
 
@@ -47,6 +48,7 @@ class Runner:
         # character per byte, at least as many as the text it decodes to. Bounds prompts before tokenizing.
         vocab = processor.tokenizer.get_vocab()
         self.max_token_chars = max(1, max((len(t) for t in vocab), default=1))
+        self.token_table = token_bytes(processor.tokenizer)  # fast detokenizing (None: not byte-level)
 
     def grid(self, width: int, height: int, detail: str) -> tuple[int, int, int]:
         """Patch grid (t, h, w) the processor will produce for an image of this size at `detail`."""

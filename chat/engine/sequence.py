@@ -31,7 +31,7 @@ class Sequence:
     """A request being served: prompt, generated tokens, KV blocks and output text."""
 
     def __init__(self, handle: Handle, prompt: Prompt, block_size: int, max_context: int, eos_ids: set[int],
-                 tokenizer) -> None:
+                 tokenizer, token_table: list | None = None) -> None:
         request = handle.request
         self.handle = handle
         self.request = request
@@ -53,7 +53,7 @@ class Sequence:
         self.cached_tokens = -1  # prompt tokens reused at first admission (-1: not admitted yet)
         self.images_encoded = 0
         self.generated: list[int] = []
-        self.output = OutputText(tokenizer, self.params.stop)
+        self.output = OutputText(tokenizer, self.params.stop, token_table)
         self.finish_reason: str | None = None
         self.started = time.monotonic()
         self.first_token_at: float | None = None

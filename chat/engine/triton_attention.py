@@ -26,7 +26,7 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])  # one compiled kernel whatever the split count
 def _decode_split_kernel(
     Q, K, V, BT, SEQ_LENS, PART_O, PART_LSE, scale_log2, num_splits,
     stride_qb, stride_qh,
@@ -85,7 +85,7 @@ def _decode_split_kernel(
     tl.store(PART_LSE + b * stride_plb + heads * stride_plh + s, lse, mask=gmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])  # one compiled kernel whatever the split count
 def _decode_merge_kernel(
     PART_O, PART_LSE, OUT, num_splits,
     stride_pob, stride_poh, stride_pos,
@@ -156,7 +156,7 @@ def paged_decode(q, k_cache, v_cache, block_table, seq_lens, num_splits, out=Non
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])  # one compiled kernel whatever the batch
 def _prefill_kernel(
     Q, K, V, OUT, BT, SEQ_LENS, CU_Q, CU_TILES, num_seqs, scale_log2,
     stride_qt, stride_qh,

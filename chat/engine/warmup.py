@@ -38,7 +38,9 @@ def warm_up(engine) -> None:
     """Run the warm-up conversation; sets engine.ready, or engine.warmup_error if it failed."""
     started = time.monotonic()
     real_metrics, engine.metrics = engine.metrics, Metrics()
-    image = {"warmup": Image.new("RGB", (96, 64), (120, 160, 200))}
+    # On a GPU a screenshot-sized picture, so the vision tower's kernels for real images are loaded too.
+    size = (1280, 960) if engine.runner.device.type == "cuda" else (96, 64)
+    image = {"warmup": Image.effect_mandelbrot(size, (-2, -1, 1, 1), 20).convert("RGB")}
     messages = [{"role": "user", "content": [{"type": "image", "image_id": "warmup"},
                                              {"type": "text", "text": "Describe."}]}]
     try:
