@@ -123,8 +123,11 @@ def conversation_choices(ctx: Ctx, owner: str) -> list[tuple[str, str]]:
 
 def on_load(ctx: Ctx, request: gr.Request):
     """First paint: the browser's conversations, and the input box enabled only once the model serves."""
-    owner = owner_of(request)
-    return (gr.update(choices=conversation_choices(ctx, owner), value=None), *readiness(ctx))
+    try:
+        choices = conversation_choices(ctx, owner_of(request))
+    except Notice:  # no identity (cookies blocked?): the box still follows start-up; sending says why
+        choices = []
+    return (gr.update(choices=choices, value=None), *readiness(ctx))
 
 
 def loading_tick(ctx: Ctx):

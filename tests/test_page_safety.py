@@ -270,3 +270,11 @@ def test_pasted_jpeg_given_back_is_readable(tmp_path, monkeypatch):
 
     [path] = uploads.give_back([sanitize(buf.getvalue())], ["../../evil name.jpg"])
     assert Path(path).parent.parent == (tmp_path / "g").resolve() and Path(path).name == "evil name.jpg"
+
+
+def test_a_page_without_identity_still_loads_and_is_told_to_reload(fake):
+    """No cookie identity: the page loads (box enabled once ready), and a message is refused with advice."""
+    conv_list, box, _, _ = ui.on_load(fake, Req(browser=None))
+    assert conv_list["choices"] == [] and box["interactive"] is True
+    with pytest.raises(Notice, match="reload the page"):
+        send(fake, None, "hello", req=Req(browser=None))
