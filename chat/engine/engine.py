@@ -29,9 +29,11 @@ from PIL import Image
 from chat.engine.batch import pack
 from chat.engine.features import Vision
 from chat.engine.handle import Handle
+from chat.engine.intake import PromptBuilder
 from chat.engine.kv import BlockPool, KVTensors
 from chat.engine.metrics import Metrics
-from chat.engine.prompt import Prompt, render, split_visual, template_messages
+from chat.engine.prompt import Prompt
+from chat.engine.retry import OUT_OF_MEMORY
 from chat.engine.sampling import sample
 from chat.engine.scheduler import Scheduler, StepPlan
 from chat.engine.sequence import Sequence
@@ -54,8 +56,6 @@ log = logging.getLogger(__name__)
 _STOP = object()
 _WARMUP = object()
 GENERIC_FAILURE = "The model failed while answering; the error is in the server log."
-OUT_OF_MEMORY = "The GPU ran out of memory for this request. Try fewer images, lower detail or a shorter conversation."
-MAX_KNOWN_GRIDS = 4096
 BLOCK_SIZE = 16
 
 
@@ -84,7 +84,6 @@ class Engine:
         self.runner = runner
         self.metrics = Metrics()
         self.max_context = min(max_context, runner.max_context)
-        self.max_prompt_chars = self.max_context * runner.max_token_chars
         self.vision = Vision(runner, fetch_image, feature_bytes)
         model = runner.model
         cfg = model.config.get_text_config()
@@ -121,8 +120,7 @@ class Engine:
         self._queue: queue.Queue = queue.Queue()
         self._draining = False
         self._live: set[Handle] = set()
-        self._grids: dict[str, tuple[int, int, int]] = {}
-        self._grids_lock = threading.Lock()
+        self.prompts = PromptBuilder(runner, self.vision, self.max_context)
         self._thread = threading.Thread(target=self._loop, name="vlchat-worker", daemon=True)
 
     def _log_pool(self) -> None:
@@ -223,42 +221,11 @@ class Engine:
         return len(live)
 
     def _checked_prompt(self, request: ChatRequest) -> Prompt:
-        """The rendered prompt, or ContextTooLong, refused on characters before any tokenizing."""
-        chars = sum(len(m["content"]) if isinstance(m["content"], str)
-                    else sum(len(p.get("text") or "") for p in m["content"]) for m in request.messages)
-        if chars > self.max_prompt_chars:
-            raise ContextTooLong(
-                f"This conversation's text is {chars:,} characters, more than the {self.max_context:,}-token context "
-                "can hold. Send a shorter text (or attach it in parts) or start a new chat."
-            )
-        prompt = self.build_prompt(request.messages, request.images)
-        n_prompt, params = len(prompt.ids), request.params
-        room = self.max_context - n_prompt
-        if room < 1 or (params.max_new_tokens > room and not params.fit_to_context):
-            over = n_prompt + params.max_new_tokens - self.max_context
-            raise ContextTooLong(
-                f"This conversation is {n_prompt} tokens and the answer may take {params.max_new_tokens}; together "
-                f"that is {over} over the {self.max_context}-token limit. Choose a lower image detail, remove an "
-                "image, ask for a shorter answer (Max new tokens) or start a new chat."
-            )
-        return prompt
+        return self.prompts.checked(request)
 
     def build_prompt(self, messages: list[dict], inline: dict | None = None) -> Prompt:
-        """Render messages; an image is opened only the first time its size is needed."""
-        grids = {}
-        with self._grids_lock:  # callers' threads render side by side
-            if len(self._grids) > MAX_KNOWN_GRIDS:  # only a cache of image sizes; keep it bounded
-                self._grids.clear()
-            known = {vid: self._grids.get(vid) for vid in template_messages(messages)[1]}
-        for vid, grid in known.items():
-            if grid is None:
-                image_id, detail = split_visual(vid)
-                img = self.vision.image(image_id, inline or {})
-                grid = self.runner.grid(img.width, img.height, detail)
-                with self._grids_lock:
-                    self._grids[vid] = grid
-            grids[vid] = grid
-        return render(self.runner.processor, messages, grids, self.runner.merge)
+        """Render messages to a Prompt (see intake.py)."""
+        return self.prompts.build(messages, inline)
 
     # -- worker side ------------------------------------------------------------------------------
 
@@ -419,21 +386,9 @@ class Engine:
         time.sleep(0.001)
 
     def _out_of_memory(self, plan: StepPlan) -> None:
-        """Free what can be freed; prefilling requests retry once at lower image detail, others fail."""
-        self.vision.cache.clear()
-        self.pool.clear_cache()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        from chat.engine.retry import lowered_sequence
+        from chat.engine.retry import after_out_of_memory
 
-        for chunk in plan.chunks:
-            seq = chunk.seq
-            retry = None if seq.generated else lowered_sequence(self, seq)
-            self.scheduler.finish(seq)
-            if retry is None:
-                self._finish(seq, Failed(OUT_OF_MEMORY, GenerationFailed.code, seq.output.text))
-            else:
-                self.scheduler.waiting.appendleft(retry)
+        after_out_of_memory(self, plan)
 
     def _warmup(self) -> None:
         from chat.engine.warmup import warm_up
@@ -448,3 +403,8 @@ class Engine:
             self.warmup_error = self.warmup_error or f"{exc.__class__.__name__}: {exc}"
         finally:
             self.warmed.set()
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """Text longer than this many characters cannot fit the context, whatever it tokenizes to."""
+        return self.prompts.max_chars

@@ -8,6 +8,7 @@ from chat.engine.types import ChatRequest
 from chat.images import lower_detail
 
 LOWERED_NOTICE = "The GPU ran out of memory, so the images were read at lower detail."
+OUT_OF_MEMORY = "The GPU ran out of memory for this request. Try fewer images, lower detail or a shorter conversation."
 
 
 def lower_detail_request(request: ChatRequest) -> ChatRequest | None:
@@ -44,3 +45,23 @@ def lowered_sequence(engine, seq):
     retry = engine._sequence(handle)
     retry.notice = LOWERED_NOTICE
     return retry
+
+
+def after_out_of_memory(engine, plan) -> None:
+    """Free what can be freed; the step's prefilling requests retry once at lower image detail, others fail."""
+    import torch
+
+    from chat.engine.types import Failed, GenerationFailed
+
+    engine.vision.cache.clear()
+    engine.pool.clear_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    for chunk in plan.chunks:
+        seq = chunk.seq
+        retry = None if seq.generated else lowered_sequence(engine, seq)
+        engine.scheduler.finish(seq)
+        if retry is None:
+            engine._finish(seq, Failed(OUT_OF_MEMORY, GenerationFailed.code, seq.output.text))
+        else:
+            engine.scheduler.waiting.appendleft(retry)

@@ -9,7 +9,9 @@ A message's content is a string or a list of parts: {"type": "text", "text": ...
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 class EngineError(Exception):
@@ -167,3 +169,37 @@ class LoadStatus:
                  "warming-up": "Warming up the model"}.get(self.phase, self.phase)
         pct = f", {round(self.fraction * 100)}%" if self.fraction is not None else ""
         return f"{label}{pct}…"
+
+
+class RequestHandle(Protocol):
+    """What `submit` returns: the request's events, its final result, and a way to stop it."""
+
+    result: Done | Failed | None
+
+    def events(self, timeout: float | None = None) -> Iterator[Event]:
+        """Delta events, then one Done or Failed."""
+
+    def aevents(self):
+        """The same events for an asyncio caller (an async iterator)."""
+
+    def wait(self, timeout: float | None = None) -> Done | Failed | None:
+        """Block until the request ends."""
+
+    def cancel(self) -> None:
+        """Stop it: at once if it waits, else within a step; it ends with finish_reason 'cancelled'."""
+
+
+class ChatEngine(Protocol):
+    """The engine as the page and API see it; the local engine (engine.py) implements it, a remote one can."""
+
+    ready: object  # a threading.Event, set once requests are accepted
+    waiting: int  # requests submitted and not yet running
+
+    def submit(self, request: ChatRequest, on_finish: Callable[[Event], None] | None = None) -> RequestHandle:
+        """Queue a request; raises NotReady, ShuttingDown or Busy; a prompt that cannot fit comes back finished."""
+
+    def drain(self) -> int:
+        """Stopping: end every open request with a ShuttingDown failure; how many."""
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop serving."""

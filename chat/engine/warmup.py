@@ -54,8 +54,7 @@ def warm_up(engine) -> None:
         engine.metrics = real_metrics
         engine.pool.clear_cache()
         engine.vision.cache.clear()
-        with engine._grids_lock:
-            engine._grids.clear()
+        engine.prompts.clear()
     if not engine.warmup_error and engine.runner.device.type == "cuda":
         _gpu_setup(engine)
     engine.warmup_seconds = time.monotonic() - started
