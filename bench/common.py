@@ -74,10 +74,12 @@ def build(device: str, shape: dict):
     model.eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
+    # The torchvision-based image processor where this transformers has it (what a real checkpoint loads).
+    image_processor = getattr(transformers, "Qwen2VLImageProcessorFast", Qwen2VLImageProcessor)
     processor = Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessor(patch_size=16, temporal_patch_size=2, merge_size=2,
-                                              size={"shortest_edge": 65536, "longest_edge": 16777216},
-                                              image_mean=[0.5] * 3, image_std=[0.5] * 3),
+        image_processor=image_processor(patch_size=16, temporal_patch_size=2, merge_size=2,
+                                        size={"shortest_edge": 65536, "longest_edge": 16777216},
+                                        image_mean=[0.5] * 3, image_std=[0.5] * 3),
         tokenizer=tok, video_processor=Qwen3VLVideoProcessor(), chat_template=TINY_CHAT_TEMPLATE,
     )
     return model, processor, transformers.__version__

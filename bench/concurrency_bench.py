@@ -36,6 +36,7 @@ from chat.engine.runner import Runner
 from chat.engine.types import ChatRequest, GenParams
 
 TIMES: dict[int, list[float]] = {}  # id(request) -> sample times
+KEEP: list = []  # every request stays alive, so no two ever share an id()
 _lock = threading.Lock()
 _advance = Engine._advance
 
@@ -80,6 +81,7 @@ class Bench:
 
     def submit(self, messages: list[dict], owner: str, tokens: int):
         req = ChatRequest(messages, GenParams(temperature=0.0, max_new_tokens=tokens), cache_salt=owner)
+        KEEP.append(req)
         return req, time.perf_counter(), self.engine.submit(req)
 
     def bare_prefill(self, messages: list[dict]) -> float:

@@ -49,6 +49,7 @@ class Runner:
         vocab = processor.tokenizer.get_vocab()
         self.max_token_chars = max(1, max((len(t) for t in vocab), default=1))
         self.token_table = token_bytes(processor.tokenizer)  # fast detokenizing (None: not byte-level)
+        self._preprocess_on_device = self.device.type == "cuda"
 
     def grid(self, width: int, height: int, detail: str) -> tuple[int, int, int]:
         """Patch grid (t, h, w) the processor will produce for an image of this size at `detail`."""
@@ -61,9 +62,16 @@ class Runner:
     def encode(self, images: list[Image.Image], detail: str) -> list[ImageFeatures]:
         """Run the vision tower once over `images` at `detail`; one ImageFeatures per image."""
         min_pixels, max_pixels = detail_pixels(detail)
-        batch = self.processor.image_processor(
-            images=images, return_tensors="pt", size={"shortest_edge": min_pixels, "longest_edge": max_pixels}
-        )
+        size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+        batch = None
+        if self._preprocess_on_device:  # resize and normalize on the GPU: tens of ms less for a big photo
+            try:
+                batch = self.processor.image_processor(images=images, return_tensors="pt", size=size,
+                                                       device=self.device)
+            except (TypeError, ValueError):  # an image processor without a device option
+                self._preprocess_on_device = False
+        if batch is None:
+            batch = self.processor.image_processor(images=images, return_tensors="pt", size=size)
         pixel_values = batch["pixel_values"].to(self.device)
         grid_thw = batch["image_grid_thw"].to(self.device)
         out = self.model.model.get_image_features(pixel_values, grid_thw, return_dict=True)

@@ -8,7 +8,8 @@ Each step is one forward pass over a packed batch of at most `max_batch_tokens` 
    client cannot take every slot). Admission looks up the prompt's full blocks by name in the
    pool (the prefix cache) and computes only the rest, in chunks.
 A long prompt (a big image, a long history) is therefore split over several steps, and the
-sequences already decoding get a token in every one of them.
+sequences already decoding get a token in every one of them. A step with no decoding sequence
+in it keeps nobody waiting, so it may take up to four budgets (at most 8,192 tokens) of prefill.
 
 When a decoding sequence needs a new block and the pool has none, the newest running sequence
 is preempted: its blocks go back (named ones stay cached) and it waits at the front of the
@@ -55,6 +56,9 @@ class StepPlan:
     def decode_only(self) -> bool:
         """Every row is one decoding sequence's next token."""
         return all(c.length == 1 and c.start > 0 for c in self.chunks)
+
+
+PREFILL_ALONE_TOKENS = 8192  # the most a step may take when no answer is streaming
 
 
 def blocks_for(tokens: int, block_size: int) -> int:
@@ -110,6 +114,8 @@ class Scheduler:
             plan.chunks.append(Chunk(seq, seq.computed, 1))
             scheduled.add(id(seq))
             budget -= 1
+        if not plan.chunks:  # nobody is decoding, so nobody waits on a long step: prefill in bigger pieces
+            budget = max(budget, min(4 * self.max_batch_tokens, PREFILL_ALONE_TOKENS))
         for seq in sorted(self.running, key=lambda s: s.arrival):
             if budget <= 0:
                 break
