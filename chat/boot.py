@@ -46,7 +46,7 @@ def start_engine(settings: Settings, store, ctx, server) -> None:
 
     status = ctx.status
     try:
-        threads = cpu_threads(getattr(settings, "cpu_threads", 0))
+        threads = cpu_threads(settings.cpu_threads)
         if settings.device == "cpu" or not _has_gpu():
             import torch
 
@@ -59,11 +59,11 @@ def start_engine(settings: Settings, store, ctx, server) -> None:
             lambda image_id: open_clean(store.image_bytes(image_id)),
             max_waiting=settings.max_waiting,
             max_context=settings.context_tokens,
-            kv_cache_bytes=getattr(settings, "kv_cache_mb", 0) << 20,
+            kv_cache_bytes=settings.kv_cache_mb << 20,
             feature_bytes=settings.feature_cache_mb << 20,
-            max_batch_tokens=getattr(settings, "max_batch_tokens", 1024),
-            max_running=getattr(settings, "max_running", 64),
-            max_running_per_owner=getattr(settings, "max_running_per_owner", 16),
+            max_batch_tokens=settings.max_batch_tokens,
+            max_running=settings.max_running,
+            max_running_per_owner=settings.max_running_per_owner,
         )
     except Exception as exc:  # whatever it is, the server must not sit at "loading" forever
         first = (str(exc).strip().splitlines() or [""])[0]
