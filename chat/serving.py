@@ -4,10 +4,10 @@
   `header_timeout` seconds (uvicorn has no such timeout: a client that sends half a request
   line keeps its connection forever).
 - `GracefulServer` calls `on_shutdown` (the engine's drain: open answers end with "the server is
-  restarting") as soon as shutdown begins and stops accepting connections; a moment later
-  `StopSignal` tells every request still waiting on its client that the client has gone (the
-  page's queue stream never ends by itself), and uvicorn then gives what is left
-  `timeout_graceful_shutdown` seconds before cancelling it.
+  restarting") as soon as shutdown begins and stops accepting connections; a moment later it
+  closes the connections still open (the page's queue stream never ends by itself), so their
+  requests see their client gone; uvicorn then gives what is left `timeout_graceful_shutdown`
+  seconds before cancelling it.
 """
 
 from __future__ import annotations
@@ -78,56 +78,17 @@ def timed_protocol(header_timeout: float) -> type[TimedH11Protocol]:
     return type("TimedH11Protocol", (TimedH11Protocol,), {"header_timeout": float(header_timeout)})
 
 
-class StopSignal:
-    """ASGI middleware: once `stop()` is called, a request waiting on `receive` hears "disconnected".
-
-    Long streams (the page's queue stream, an API stream) then end the way they end when a
-    client leaves, without a cancellation traceback in the log.
-    """
-
-    def __init__(self, app) -> None:
-        self.app = app
-        self.stopping = asyncio.Event()
-
-    def stop(self) -> None:
-        """From now on every pending and future `receive` answers http.disconnect (call in the loop)."""
-        self.stopping.set()
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def receive_or_stop() -> dict:
-            if self.stopping.is_set():
-                return {"type": "http.disconnect"}
-            message = asyncio.ensure_future(receive())
-            stop = asyncio.ensure_future(self.stopping.wait())
-            try:
-                await asyncio.wait({message, stop}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stop.cancel()
-                if not message.done():
-                    message.cancel()
-            if message.done() and not message.cancelled():
-                return message.result()
-            return {"type": "http.disconnect"}
-
-        await self.app(scope, receive_or_stop, send)
-
-
 class GracefulServer(uvicorn.Server):
-    """A uvicorn server that drains, then disconnects what is left, then stops within its grace time."""
+    """A uvicorn server that drains, then closes what is left, then stops within its grace time."""
 
     def __init__(self, config: uvicorn.Config, on_shutdown: Callable[[], None] | None = None,
-                 stop_signal: StopSignal | None = None, settle_seconds: float = 1.0) -> None:
+                 settle_seconds: float = 1.0) -> None:
         super().__init__(config)
         self.on_shutdown = on_shutdown
-        self.stop_signal = stop_signal
         self.settle_seconds = settle_seconds
 
     async def shutdown(self, sockets=None) -> None:
-        """Drain (open streams get their last event), stop accepting, disconnect the rest, then uvicorn's."""
+        """Drain (open streams get their last event), stop accepting, close what is left, then uvicorn's."""
         if self.on_shutdown is not None:
             try:  # off the event loop: ending a request may write its result to the database
                 await asyncio.to_thread(self.on_shutdown)
@@ -135,21 +96,26 @@ class GracefulServer(uvicorn.Server):
                 log.exception("draining open requests failed")
         for server in self.servers:
             server.close()
-        if self.stop_signal is not None:
-            await asyncio.sleep(self.settle_seconds)  # time for the drained streams' last words
-            self.stop_signal.stop()
+        deadline = asyncio.get_running_loop().time() + self.settle_seconds
+        while self.server_state.tasks and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)  # time for the drained streams' last words
+        # Streams that never end by themselves (the page's queue stream) see their client go away,
+        # as when a tab closes: the app ends them quietly, with no cancellation traceback.
+        for connection in list(self.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is not None and not transport.is_closing():
+                transport.close()
         await super().shutdown(sockets)
 
 
 def make_server(app, host: str, port: int, *, grace_seconds: float, header_timeout: float,
                 on_shutdown: Callable[[], None] | None = None) -> GracefulServer:
-    """The configured server for `app` (wrapped in a `StopSignal`)."""
-    signal_app = StopSignal(app)
+    """The configured server for `app`."""
     # proxy_headers=False: the client address is the connection's own. uvicorn would otherwise take
     # X-Forwarded-For from any local process as the truth (the login throttle counts by address).
-    config = uvicorn.Config(signal_app, host=host, port=port, log_level="warning", proxy_headers=False,
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", proxy_headers=False,
                             http=timed_protocol(header_timeout), timeout_graceful_shutdown=grace_seconds)
-    return GracefulServer(config, on_shutdown, signal_app, settle_seconds=min(1.0, grace_seconds / 2))
+    return GracefulServer(config, on_shutdown, settle_seconds=min(1.0, grace_seconds / 2))
 
 
 def quiet_signals_after_run() -> None:

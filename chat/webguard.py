@@ -216,7 +216,10 @@ class BodyTimeout:
             if body_done or timed_out:
                 return await receive() if not timed_out else {"type": "http.disconnect"}
             try:
-                message = await asyncio.wait_for(receive(), self.seconds)
+                # In this task, not a new one: a message that is ready comes back without a pause,
+                # which Starlette's is_disconnected() (a peek under a cancelled scope) relies on.
+                async with asyncio.timeout(self.seconds):
+                    message = await receive()
             except TimeoutError:
                 timed_out = True
                 if not started:

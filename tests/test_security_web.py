@@ -389,6 +389,29 @@ def test_a_body_that_stalls_gets_408(locked):
     assert time.monotonic() - started < 8
 
 
+def test_the_body_timeout_keeps_disconnect_peeking_working():
+    """Starlette's (and Gradio's queue stream's) is_disconnected() peeks under a cancelled scope."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from chat.webguard import BodyTimeout
+
+    seen = {}
+
+    async def app(scope, receive, send):
+        seen["disconnected"] = await Request(scope, receive).is_disconnected()
+
+    async def gone() -> dict:
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": []}
+    worker = threading.Thread(target=lambda: asyncio.run(BodyTimeout(app, 5)(scope, gone, None)))
+    worker.start()  # its own thread: the browser tests keep an event loop running in this one
+    worker.join(10)
+    assert seen == {"disconnected": True}
+
+
 # -- item 8: uploads are images --------------------------------------------------------------------
 
 
