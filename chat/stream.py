@@ -47,11 +47,19 @@ def view_token(ctx: Ctx, session: str) -> int:
         return ctx.views.get(session, 0)
 
 
-def switch_view(ctx: Ctx, session: str) -> None:
-    """The page shows something else: its stream stops drawing (the answer itself goes on)."""
+def switch_view(ctx: Ctx, session: str, wait: float = 1.0) -> None:
+    """The page shows something else: its stream stops drawing (the answer itself goes on).
+
+    Waits (briefly) until that stream has seen it: Gradio sends a generator's output before it asks
+    for the next one, so once the stream has moved past its last update, whatever the caller returns
+    now reaches the page after it and is what stays on screen.
+    """
     with ctx.lock:
         ctx.views[session] = ctx.views.get(session, 0) + 1
         ctx.active.pop(session, None)
+        left = ctx.streams.get(session)
+    if left is not None:
+        left.wait(wait)
 
 
 def forget_session(ctx: Ctx, session: str) -> None:
@@ -163,18 +171,23 @@ def stream(ctx: Ctx, turn: Turn, handle, session: str, token: int, history: list
     # Leaving because the view moved on ends with an update that changes nothing: Gradio applies an
     # event's last output once more when it completes, which would redraw the old conversation.
     unchanged = (skip,) * 6
-    if not in_view():
-        yield unchanged
-        return
+    left = threading.Event()  # set once this stream has stopped drawing (switch_view waits for it)
     with ctx.lock:
-        ctx.active[session] = handle
-    conv_id, box, choices, title = first
-    history = [*history, {"role": "assistant", "content": answer_content("", "pending")}]
-    yield conv_id, history, box, choices, "Answering…", title
-    text, shown, drawn_at, saved_at = "", "", time.monotonic(), time.monotonic()
+        ctx.streams[session] = left
     try:
+        if not in_view():
+            left.set()
+            yield unchanged
+            return
+        with ctx.lock:
+            ctx.active[session] = handle
+        conv_id, box, choices, title = first
+        history = [*history, {"role": "assistant", "content": answer_content("", "pending")}]
+        yield conv_id, history, box, choices, "Answering…", title
+        text, shown, drawn_at, saved_at = "", "", time.monotonic(), time.monotonic()
         for event in _events(handle):
             if not in_view():
+                left.set()
                 yield unchanged
                 return
             if event is None or isinstance(event, Delta):
@@ -201,9 +214,12 @@ def stream(ctx: Ctx, turn: Turn, handle, session: str, token: int, history: list
                 history[-1] = {"role": "assistant", "content": answer_content(event.text, status, event.message)}
                 yield skip, history, skip, skip, event.message, skip
     finally:
+        left.set()
         with ctx.lock:
             if ctx.active.get(session) is handle:
                 del ctx.active[session]
+            if ctx.streams.get(session) is left:
+                del ctx.streams[session]
         # The page went away mid-answer (not a view switch): the answer stops, what came is kept.
         if handle.result is None and in_view():
             handle.cancel()

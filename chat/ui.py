@@ -61,6 +61,7 @@ class Ctx:
     active: dict[str, object] = field(default_factory=dict)  # Gradio session -> Handle it is drawing
     running: dict[str, object] = field(default_factory=dict)  # conversation id -> Handle answering it
     views: dict[str, int] = field(default_factory=dict)  # Gradio session -> view token (chat.stream)
+    streams: dict[str, threading.Event] = field(default_factory=dict)  # session -> "its stream stopped drawing"
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 

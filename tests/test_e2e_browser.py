@@ -356,7 +356,12 @@ def test_switching_conversation_while_answering(server, page):
             page.locator("#conversation-list label", has_text="Conversation A").first.click()
         else:
             page.locator("#new-chat").click()
-        page.locator("#chat").get_by_text(question).wait_for(state="detached", timeout=10_000)
+        try:
+            page.locator("#chat").get_by_text(question).wait_for(state="detached", timeout=10_000)
+        except Exception:
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "switch-failed.png"))
+            raise
         shown = page.locator("#chat").inner_text()
         time.sleep(1.5)
         assert page.locator("#chat").inner_text() == shown  # nothing more is drawn into this view

@@ -29,11 +29,12 @@ class Req(SimpleNamespace):
         super().__init__(session_hash=session, username=username, state=SimpleNamespace(vlchat_browser=browser))
 
 
-def real_ctx(tmp_path, loaded):
+def real_ctx(tmp_path, loaded, **engine_options):
     """A Ctx over a real store and the tiny model's engine (a generator: the fixtures below wrap it)."""
     store = Store(tmp_path / "data")
     settings = Settings(data_dir=tmp_path / "data", max_images_per_message=2, max_images_per_conversation=3)
-    engine = Engine(Runner(loaded.model, loaded.processor), lambda i: open_clean(store.image_bytes(i)))
+    engine = Engine(Runner(loaded.model, loaded.processor), lambda i: open_clean(store.image_bytes(i)),
+                    **engine_options)
     engine.start(warmup=False)
     yield ui.Ctx(store=store, engine=engine, settings=settings, random_weights=True)
     engine.shutdown()
@@ -262,8 +263,13 @@ def test_detail_is_stored_and_used(ctx, tmp_path):
     assert low_rows[-1]["usage"]["prompt_tokens"] + 1000 < high_rows[-1]["usage"]["prompt_tokens"]
 
 
-def test_a_question_over_the_context_is_refused_and_given_back(ctx, tmp_path):
-    ctx.engine.max_context = 900
+@pytest.fixture
+def small_ctx(tmp_path, loaded):
+    yield from real_ctx(tmp_path, loaded, max_context=900)
+
+
+def test_a_question_over_the_context_is_refused_and_given_back(small_ctx, tmp_path):
+    ctx = small_ctx
     conv_id = send(ctx, None, "small first", max_new=16)[0][0]
     path = png(tmp_path, "doc.png", size=(1600, 1200))
     with pytest.raises(Notice, match="over the 900-token limit.*lower image detail"):
