@@ -327,6 +327,9 @@ def test_uploaded_original_is_deleted_once_stored(server, page, photo):
     wait_ready(page)
     page.set_input_files("#input input[type=file]", str(photo))
     page.locator("#input .thumbnails img").first.wait_for(timeout=10_000)
+    deadline = time.monotonic() + 15  # the thumbnail can show before the upload has been written
+    while not originals() and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert originals()  # the upload waits in Gradio's cache until the message is sent
     send(page, "Where does the original go?")
     page.locator("#chat .user-row").first.wait_for(timeout=20_000)
