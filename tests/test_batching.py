@@ -252,3 +252,35 @@ def test_block_pool_reference_counts_names_and_evicts_least_recently_used():
     assert pool.allocate(1) is None  # everything is referenced now
     pool.release(b + [a[0]])
     assert pool.available == pool.total
+
+
+def test_while_answers_stream_a_step_encodes_at_most_one_new_image(loaded):
+    engine = make(loaded, max_batch_tokens=1024)  # room for both images in one chunk
+    solo, _ = alone(engine, {"pair": MIXES["two-sizes"]})
+    engine.vision.cache.clear()
+    per_step, current = [], {"encodes": 0, "decoding": False}
+    encode, step = engine.runner.encode, engine._step
+
+    def counting_encode(images, detail):
+        current["encodes"] += len(images)
+        return encode(images, detail)
+
+    def recording_step(metrics):
+        current.update(encodes=0, decoding=any(s.generated for s in engine.scheduler.running))
+        step(metrics)
+        per_step.append(dict(current))
+
+    engine.runner.encode, engine._step = counting_encode, recording_step
+    try:
+        talkers = [engine.submit(request([user(f"Talk {i}.")], owner=f"t{i}", max_new_tokens=80)) for i in range(2)]
+        while not all(t._emitted for t in talkers):
+            time.sleep(0.005)
+        pair = engine.submit(request(MIXES["two-sizes"], owner="pair", max_new_tokens=16))
+        assert pair.wait(120).text == solo["pair"]  # cut before its second image, then continued: same answer
+    finally:
+        engine.runner.encode, engine._step = encode, step
+        for t in talkers:
+            t.wait(120)
+        engine.shutdown()
+    assert sum(s["encodes"] for s in per_step) == 2
+    assert all(s["encodes"] <= 1 for s in per_step if s["decoding"])

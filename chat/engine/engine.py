@@ -282,16 +282,17 @@ class Engine:
                     self.scheduler.finish(chunk.seq)
                     continue
                 metrics.queue_wait.observe(time.monotonic() - handle.enqueued)
-        if not plan.chunks:
-            self._unblock()
-            return
-        metrics.running.set(len(self.scheduler.running))
-        metrics.batch_tokens.observe(plan.tokens)
         try:
+            if not plan.decode_only:
+                self._features(plan)
+            if not plan.chunks:
+                self._unblock()
+                return
+            metrics.running.set(len(self.scheduler.running))
+            metrics.batch_tokens.observe(plan.tokens)
             if self.graphs is not None and self.graphs.fits(plan):
                 logits = self.graphs.run(plan)
             else:
-                self._features(plan)
                 logits = self.step_runner.forward(pack(plan, self.pool.block_size, self.runner.device))
         except torch.cuda.OutOfMemoryError as exc:
             log.warning("out of GPU memory in a step of %d tokens (%s)", plan.tokens, str(exc))
@@ -322,16 +323,30 @@ class Engine:
         metrics.running.set(len(self.scheduler.running))
 
     def _features(self, plan: StepPlan) -> None:
-        """Make sure every image a chunk reaches has its features (from the cache or one encoder run)."""
-        for chunk in plan.chunks:
-            seq, a, b = chunk.seq, chunk.start, chunk.start + chunk.length
-            need = [s.image_id for s in seq.prompt.images
-                    if s.start < b and s.start + s.length > a and s.image_id not in seq.features]
-            if need:
-                found, encoded = self.vision.get(need, seq.request.images)
+        """Give every image a chunk reaches its features: from the cache, else one encoder run.
+
+        While answers are streaming (the step has decode rows) at most one image is encoded per
+        step, so a message with several new images never stalls everyone for all of them at once:
+        a chunk that reaches a second one stops just before it and goes on in the next step.
+        """
+        budget = 1 if any(c.length == 1 and c.seq.generated for c in plan.chunks) else len(plan.chunks) + 64
+        for chunk in list(plan.chunks):
+            seq, a = chunk.seq, chunk.start
+            for span in seq.prompt.images:
+                b = chunk.start + chunk.length
+                if span.start >= b or span.start + span.length <= a or span.image_id in seq.features:
+                    continue
+                cached = self.vision.cache.get(span.image_id)
+                if cached is None and budget <= 0:
+                    chunk.length = span.start - a  # stop before the image; it is encoded in a later step
+                    break
+                found, encoded = self.vision.get([span.image_id], seq.request.images)
+                budget -= encoded
                 seq.features.update(found)
                 seq.images_encoded += encoded
                 self.metrics.images_encoded.inc(encoded)
+            if chunk.length <= 0:
+                plan.chunks.remove(chunk)
 
     def _advance(self, seq: Sequence, token: int, metrics: Metrics) -> None:
         first = seq.first_token_at is None
