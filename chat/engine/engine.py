@@ -284,7 +284,7 @@ class Engine:
                 metrics.queue_wait.observe(time.monotonic() - handle.enqueued)
         try:
             if not plan.decode_only:
-                self._features(plan)
+                self.vision.prepare(plan, self.metrics)
             if not plan.chunks:
                 self._unblock()
                 return
@@ -321,32 +321,6 @@ class Engine:
         metrics.kv_blocks_used.set(self.pool.used)
         metrics.kv_blocks_cached.set(self.pool.cached)
         metrics.running.set(len(self.scheduler.running))
-
-    def _features(self, plan: StepPlan) -> None:
-        """Give every image a chunk reaches its features: from the cache, else one encoder run.
-
-        While answers are streaming (the step has decode rows) at most one image is encoded per
-        step, so a message with several new images never stalls everyone for all of them at once:
-        a chunk that reaches a second one stops just before it and goes on in the next step.
-        """
-        budget = 1 if any(c.length == 1 and c.seq.generated for c in plan.chunks) else len(plan.chunks) + 64
-        for chunk in list(plan.chunks):
-            seq, a = chunk.seq, chunk.start
-            for span in seq.prompt.images:
-                b = chunk.start + chunk.length
-                if span.start >= b or span.start + span.length <= a or span.image_id in seq.features:
-                    continue
-                cached = self.vision.cache.get(span.image_id)
-                if cached is None and budget <= 0:
-                    chunk.length = span.start - a  # stop before the image; it is encoded in a later step
-                    break
-                found, encoded = self.vision.get([span.image_id], seq.request.images)
-                budget -= encoded
-                seq.features.update(found)
-                seq.images_encoded += encoded
-                self.metrics.images_encoded.inc(encoded)
-            if chunk.length <= 0:
-                plan.chunks.remove(chunk)
 
     def _advance(self, seq: Sequence, token: int, metrics: Metrics) -> None:
         first = seq.first_token_at is None

@@ -95,3 +95,29 @@ class Vision:
                 self.cache.put(vid, feats)
                 found[vid] = feats  # held here even if the LRU had no room for them
         return found, len(missing)
+
+    def prepare(self, plan, metrics) -> None:
+        """Give every image a chunk reaches its features: from the cache, else one encoder run.
+
+        While answers are streaming (the step has decode rows) at most one image is encoded per
+        step, so a message with several new images never stalls everyone for all of them at once:
+        a chunk that reaches a second one stops just before it and goes on in the next step.
+        """
+        budget = 1 if any(c.length == 1 and c.seq.generated for c in plan.chunks) else len(plan.chunks) + 64
+        for chunk in list(plan.chunks):
+            seq, a = chunk.seq, chunk.start
+            for span in seq.prompt.images:
+                b = chunk.start + chunk.length
+                if span.start >= b or span.start + span.length <= a or span.image_id in seq.features:
+                    continue
+                cached = self.cache.get(span.image_id)
+                if cached is None and budget <= 0:
+                    chunk.length = span.start - a  # stop before the image; it is encoded in a later step
+                    break
+                found, encoded = self.get([span.image_id], seq.request.images)
+                budget -= encoded
+                seq.features.update(found)
+                seq.images_encoded += encoded
+                metrics.images_encoded.inc(encoded)
+            if chunk.length <= 0:
+                plan.chunks.remove(chunk)
