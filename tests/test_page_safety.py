@@ -278,3 +278,13 @@ def test_a_page_without_identity_still_loads_and_is_told_to_reload(fake):
     assert conv_list["choices"] == [] and box["interactive"] is True
     with pytest.raises(Notice, match="reload the page"):
         send(fake, None, "hello", req=Req(browser=None))
+
+
+def test_regenerate_refused_when_busy_keeps_the_old_answer(ctx):
+    """Item 11: a busy engine refuses Regenerate before anything is deleted or stored."""
+    conv = send(ctx, None, "question")[0][0]
+    before = ctx.store.messages(OWNER, conv)
+    ctx.engine.max_waiting = 0
+    with pytest.raises(Notice, match="busy"):
+        list(ui.regenerate(ctx, conv, "general", 0.0, 0.9, 16, "", Req()))
+    assert ctx.store.messages(OWNER, conv) == before
