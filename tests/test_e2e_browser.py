@@ -382,3 +382,21 @@ def test_switching_conversation_while_answering(server, page):
         "Conversation A", "Next message after open A"]
     assert [r[1] for r in conversation_rows(server, "Next message after new chat") if r[0] == "user"] == [
         "Next message after new chat"]
+
+
+def test_copy_message_copies_the_text_shown(server, browser):
+    """Messages arrive as server-rendered HTML: Copy (assets/page.js) copies what is shown, not the markup."""
+    context = browser.new_context()
+    context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page = context.new_page()
+    page.goto(server.base + "/")
+    wait_ready(page)
+    send(page, "Copy **this** & `<b>that</b>`")
+    page.locator("#chat .bot-row").first.wait_for(timeout=20_000)
+    wait_idle(page)
+    page.locator("#chat button[aria-label='Copy message']").first.click()
+    copied = page.evaluate("() => navigator.clipboard.readText()")
+    assert copied == "Copy this & <b>that</b>"
+    label = page.locator("#chat [data-testid='user']").first.get_attribute("aria-label")
+    assert label.endswith("Copy this & <b>that</b>") and "<p>" not in label
+    context.close()
