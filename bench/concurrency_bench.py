@@ -171,12 +171,12 @@ def concurrency(b: Bench, users: list[int], tokens: int) -> dict:
 
 def arrival(b: Bench, budget: int) -> dict:
     b.engine.scheduler.max_batch_tokens = budget
-    streams = [b.submit([{"role": "user", "content": f"Story {i}: go on and on."}], f"arr-{i}", 1500)
+    streams = [b.submit([{"role": "user", "content": f"Story {i}: go on and on."}], f"arr-{budget}-{i}", 1500)
                for i in range(8)]
     while min(len(TIMES.get(id(r), [])) for r, _, _ in streams) < 20:
         time.sleep(0.005)
-    newcomer = [image_message(b.image("arrival", 1920, 1080, 77))]
-    req, t0, handle = b.submit(newcomer, "arr-new", 4)
+    newcomer = [image_message(b.image(f"arrival-{budget}", 1920, 1080, 77 + budget))]  # nothing cached
+    req, t0, handle = b.submit(newcomer, f"arr-new-{budget}", 4)
     handle.wait()
     first = TIMES[id(req)][0]
     gaps = []

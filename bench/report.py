@@ -71,9 +71,9 @@ def main() -> None:
             lines.append(f"| {b} | {g.get('compiled', {}).get(b, float('nan')):.2f} ms | "
                          f"{g.get('plain', {}).get(b, float('nan')):.2f} ms | {e['model_ms']:.2f} ms | "
                          f"{e['schedule_ms']:.2f} ms | {e['sample_ms']:.2f} ms | {e['advance_per_row_ms']:.3f} ms |")
-        if "turn2" in prof:
-            lines += ["", "turn-2 step, ms: " + ", ".join(f"{k} {v:.1f}" for k, v in prof["turn2"].items()
-                                                          if isinstance(v, float))]
+        for mode, phases in prof.get("turn2", {}).items():
+            lines += ["", f"turn-2 step ({mode} layer ops), ms: " + ", ".join(
+                f"{k} {v:.1f}" for k, v in phases.items() if isinstance(v, float))]
     print("\n".join(lines))
 
 
