@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 import torch
 
 from chat.engine.scheduler import StepPlan
@@ -61,11 +62,10 @@ class DecodeGraphs:
         self.sizes = [b for b in GRAPH_SIZES if b <= max(1, max_batch)]
         self.max_batch = self.sizes[-1]
         n = self.max_batch
-        self.ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.pos = torch.zeros(n, dtype=torch.long, device=device)
-        self.slots = torch.zeros(n, dtype=torch.long, device=device)
+        # Token ids, positions, KV slots and lengths in one buffer, so a step's inputs are one copy.
+        self.meta = torch.zeros(4, n, dtype=torch.long, device=device)
+        self.ids, self.pos, self.slots, self.seq_lens = self.meta[0], self.meta[1], self.meta[2], self.meta[3]
         self.tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.logits = torch.zeros(n, step.lm_head.out_features, dtype=torch.float32, device=device)
         # Off a GPU (the tests run the kernels in Triton's interpreter) the step runs eagerly, uncaptured.
         self.eager = device.type != "cuda"
@@ -115,11 +115,9 @@ class DecodeGraphs:
         torch.cuda.synchronize()
 
     def _reset(self, start: int) -> None:
-        self.ids[start:].zero_()
-        self.pos[start:].zero_()
-        self.slots[start:].zero_()
-        self.tables[start:].zero_()
+        self.meta[:3, start:].zero_()
         self.seq_lens[start:].fill_(1)
+        self.tables[start:].zero_()
 
     def fits(self, plan: StepPlan) -> bool:
         """Whether a captured graph can run this plan."""
@@ -133,21 +131,18 @@ class DecodeGraphs:
         self.steps += 1
         bs = self.kv.block_size
         width = max(len(c.seq.blocks) for c in plan.chunks)
-        ids, pos, slots, lens, rows = [], [], [], [], []
-        for chunk in plan.chunks:
+        meta = np.zeros((4, b), dtype=np.int64)
+        meta[3] = 1  # padding rows read one token of the scratch block
+        table = np.zeros((b, width), dtype=np.int32)
+        for i, chunk in enumerate(plan.chunks):
             seq, p = chunk.seq, chunk.start
-            ids.append(seq.tokens[p])
-            pos.append(seq.text_position(p))  # a decode row is text: its three M-RoPE axes are equal
-            slots.append(seq.blocks[p // bs] * bs + p % bs)
-            lens.append(p + 1)
-            rows.append(seq.blocks + [0] * (width - len(seq.blocks)))
-        pad = b - n
-        table = torch.tensor(rows + [[0] * width] * pad, dtype=torch.int32)
-        self.ids[:b].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
-        self.pos[:b].copy_(torch.tensor(pos + [0] * pad), non_blocking=True)
-        self.slots[:b].copy_(torch.tensor(slots + [0] * pad), non_blocking=True)
-        self.seq_lens[:b].copy_(torch.tensor(lens + [1] * pad, dtype=torch.int32), non_blocking=True)
-        self.tables[:b, :width].copy_(table, non_blocking=True)
+            meta[0, i] = seq.tokens[p]
+            meta[1, i] = seq.text_position(p)  # a decode row is text: its three M-RoPE axes are equal
+            meta[2, i] = seq.blocks[p // bs] * bs + p % bs
+            meta[3, i] = p + 1
+            table[i, : len(seq.blocks)] = seq.blocks
+        self.meta[:, :b].copy_(torch.from_numpy(meta), non_blocking=True)
+        self.tables[:b, :width].copy_(torch.from_numpy(table), non_blocking=True)
         if self.eager:
             self._decode(b)
         else:
