@@ -71,7 +71,12 @@ def main() -> None:
             lines.append(f"| {b} | {g.get('compiled', {}).get(b, float('nan')):.2f} ms | "
                          f"{g.get('plain', {}).get(b, float('nan')):.2f} ms | {e['model_ms']:.2f} ms | "
                          f"{e['schedule_ms']:.2f} ms | {e['sample_ms']:.2f} ms | {e['advance_per_row_ms']:.3f} ms |")
-        for mode, phases in prof.get("turn2", {}).items():
+        turn2 = prof.get("turn2", {})
+        if turn2 and not isinstance(next(iter(turn2.values())), dict):  # an older file: one mode
+            turn2 = {"compiled": turn2}
+        if "turn2_split" in prof:
+            lines += ["", f"turn-2 step split: {json.dumps(prof['turn2_split'])}"]
+        for mode, phases in turn2.items():
             lines += ["", f"turn-2 step ({mode} layer ops), ms: " + ", ".join(
                 f"{k} {v:.1f}" for k, v in phases.items() if isinstance(v, float))]
     print("\n".join(lines))
