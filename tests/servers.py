@@ -51,7 +51,9 @@ class Server:
         self.base = f"http://127.0.0.1:{self.port}"
         self.args = ["--model", "tiny-random", "--host", host, "--port", str(self.port), "--data-dir", str(data),
                      *args]
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("VLCHAT_")}
+        # No VLCHAT_* settings and no GRADIO_TEMP_DIR from this test process (an in-process app sets one):
+        # each server keeps its uploads in its own data folder.
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("VLCHAT_") and k != "GRADIO_TEMP_DIR"}
         self.env.update(HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", **(env or {}))
         self.log = data / "server.log"
         self.proc: subprocess.Popen | None = None
