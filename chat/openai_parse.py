@@ -309,6 +309,8 @@ def parse_request(settings: Settings, body, *, model_names: tuple[str, ...], own
     temperature = _number(body, "temperature", 0.0, 2.0)
     top_p = _number(body, "top_p", 0.0, 1.0)
     seed = _number(body, "seed", -(2**63), 2**63 - 1, integer=True)
+    top_k = _number(body, "top_k", -1, 1_000_000, integer=True)  # vLLM's extension; -1 or 0: off
+    presence = _number(body, "presence_penalty", -2.0, 2.0)
     stop = _stop(body)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -321,7 +323,8 @@ def parse_request(settings: Settings, body, *, model_names: tuple[str, ...], own
     inline: dict[str, bytes] = {}
     messages = parse_messages(settings, body.get("messages"), inline, max_chars)
     params = settings.clamp_params(temperature, top_p, max_tokens, seed=seed, stop=stop,
-                                   fit_to_context=max_tokens is None)
+                                   fit_to_context=max_tokens is None, top_k=max(0, top_k or 0),
+                                   presence_penalty=float(presence or 0.0))
     meta = {"stream": stream, "include_usage": bool(options.get("include_usage")), "model": model,
             "id": "chatcmpl-" + uuid.uuid4().hex, "created": int(time.time())}
     cache_salt = f"{owner}|{salt}" if salt else owner

@@ -222,6 +222,22 @@ def test_completion_with_a_data_url_image(open_server):
     assert metric(open_server.base, ENCODED) - encoded == 1
 
 
+def test_top_k_and_presence_penalty_reach_the_sampler_and_bad_values_are_refused(open_server):
+    sdk = client(open_server.base)
+    msgs = [{"role": "user", "content": "Say something short."}]
+    greedy = sdk.chat.completions.create(model="tiny-random", max_tokens=12, temperature=0, messages=msgs)
+    top1 = sdk.chat.completions.create(model="tiny-random", max_tokens=12, temperature=1.8, messages=msgs,
+                                       extra_body={"top_k": 1})
+    assert top1.choices[0].message.content == greedy.choices[0].message.content  # k=1 leaves one choice
+    penalized = sdk.chat.completions.create(model="tiny-random", max_tokens=12, temperature=0, messages=msgs,
+                                            presence_penalty=2.0)
+    assert penalized.choices[0].message.content != greedy.choices[0].message.content
+    for wrong in ({"top_k": -5}, {"top_k": 1.5}, {"presence_penalty": "high"}, {"presence_penalty": 3}):
+        with pytest.raises(openai.BadRequestError) as info:
+            sdk.chat.completions.create(model="tiny-random", max_tokens=4, messages=msgs, extra_body=wrong)
+        assert info.value.body["param"] == next(iter(wrong))
+
+
 # -- 2. streaming -------------------------------------------------------------------------------
 
 

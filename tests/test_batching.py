@@ -227,7 +227,8 @@ def test_sampling_in_a_batch_depends_only_on_the_request(engine):
 def test_presence_penalty_changes_what_repeats():
     from chat.engine.sampling import sample
 
-    logits = torch.tensor([[5.0, 4.9, 0.0]])
+    with torch.inference_mode():  # as the engine's forward hands them over
+        logits = torch.tensor([[5.0, 4.9, 0.0]])
     plain = GenParams(temperature=0.0)
     assert sample(logits.clone(), [plain], [[0]], [None]) == [0]
     penalized = GenParams(temperature=0.0, presence_penalty=1.0)

@@ -21,6 +21,7 @@ def _noise(probs: torch.Tensor, generators: list[torch.Generator | None]) -> tor
     return noise
 
 
+@torch.inference_mode()  # the logits come from an inference-mode forward; the penalty updates them in place
 def sample(logits: torch.Tensor, params: list, generated: list[list[int]],
            generators: list[torch.Generator | None]) -> list[int]:
     """One token per row of (rows, vocab) float logits; `params[i]` is row i's GenParams."""
