@@ -108,7 +108,9 @@ class ModelStep:
         self.ops = Ops(compiled)
         # q/k/v and gate/up as one matrix multiply each (SiLU-gated MLPs only, as Qwen3-VL's is).
         self.fused = fuse_projections(self.layers) if getattr(cfg, "hidden_act", "silu") == "silu" else None
-        self.q_size, self.kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        # The whole after-attention half in one call needs bias-free output and down projections (Qwen3-VL's are).
+        self.fused_out = self.fused is not None and all(
+            layer.self_attn.o_proj.bias is None and layer.mlp.down_proj.bias is None for layer in self.layers)
 
     def hidden(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend,
                visual_rows: torch.Tensor | None = None, visual_embeds: torch.Tensor | None = None,
@@ -127,19 +129,26 @@ class ModelStep:
         x = ops.rms(h, self.layers[0].input_layernorm.weight, eps)
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
+            following = self.layers[i + 1].input_layernorm.weight if i + 1 < len(self.layers) else self.norm.weight
             if self.fused is not None:
-                q, k, v = F.linear(x, self.fused[i][0]).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+                q, k, v = ops.attention_in(x, self.fused[i][0], attn.q_norm.weight, attn.k_norm.weight, eps, cos, sin,
+                                           self.n_heads, self.n_kv, self.head_dim)
             else:
-                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-            q = ops.norm_rope(q.view(t, self.n_heads, self.head_dim), attn.q_norm.weight, eps, cos, sin)
-            k = ops.norm_rope(k.view(t, self.n_kv, self.head_dim), attn.k_norm.weight, eps, cos, sin)
-            self.kv.write(i, slots, k, v.reshape(t, self.n_kv, self.head_dim))
-            h, x = ops.add_rms(h, attn.o_proj(attend(i, q).reshape(t, -1)), layer.post_attention_layernorm.weight, eps)
+                q = ops.norm_rope(attn.q_proj(x).view(t, self.n_heads, self.head_dim), attn.q_norm.weight, eps, cos,
+                                  sin)
+                k = ops.norm_rope(attn.k_proj(x).view(t, self.n_kv, self.head_dim), attn.k_norm.weight, eps, cos, sin)
+                v = attn.v_proj(x).view(t, self.n_kv, self.head_dim)
+            self.kv.write(i, slots, k, v)
+            o = attend(i, q).reshape(t, -1)
+            if self.fused_out and i >= len(deepstack):
+                h, x = ops.attention_out(h, o, attn.o_proj.weight, layer.post_attention_layernorm.weight,
+                                         self.fused[i][1], mlp.down_proj.weight, following, eps)
+                continue
+            h, x = ops.add_rms(h, attn.o_proj(o), layer.post_attention_layernorm.weight, eps)
             if self.fused is not None:
                 delta = mlp.down_proj(ops.swiglu(F.linear(x, self.fused[i][1])))
             else:
                 delta = mlp(x)
-            following = self.layers[i + 1].input_layernorm.weight if i + 1 < len(self.layers) else self.norm.weight
             if i < len(deepstack):  # image rows get this layer's DeepStack features on top
                 h = h + delta
                 h[visual_rows] += deepstack[i].to(h.dtype)

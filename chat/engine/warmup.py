@@ -34,9 +34,11 @@ def _run(engine, request: ChatRequest) -> Done:
     return handle.result
 
 
-def warm_up(engine) -> None:
-    """Run the warm-up conversation; sets engine.ready, or engine.warmup_error if it failed."""
-    started = time.monotonic()
+def conversation(engine) -> None:
+    """The warm-up conversation: an image and a question, then a follow-up on the cached prefix.
+
+    Counted in a throwaway metrics registry; leaves no cached blocks, features or image sizes.
+    """
     real_metrics, engine.metrics = engine.metrics, Metrics()
     # On a GPU a screenshot-sized picture, so the vision tower's kernels for real images are loaded too.
     size = (1280, 960) if engine.runner.device.type == "cuda" else (96, 64)
@@ -47,14 +49,21 @@ def warm_up(engine) -> None:
         for _ in range(2):
             done = _run(engine, ChatRequest(messages, GenParams(temperature=0.0, max_new_tokens=4), "warmup", image))
             messages = messages + [{"role": "assistant", "content": done.text}, {"role": "user", "content": FOLLOW_UP}]
-    except Exception as exc:  # noqa: BLE001 - whatever broke, the engine must not report ready
-        log.exception("warm-up failed")
-        engine.warmup_error = f"{exc.__class__.__name__}: {exc}"
     finally:
         engine.metrics = real_metrics
         engine.pool.clear_cache()
         engine.vision.cache.clear()
         engine.prompts.clear()
+
+
+def warm_up(engine) -> None:
+    """Run the warm-up conversation (and on a GPU size the pool and capture); sets ready or warmup_error."""
+    started = time.monotonic()
+    try:
+        conversation(engine)
+    except Exception as exc:  # noqa: BLE001 - whatever broke, the engine must not report ready
+        log.exception("warm-up failed")
+        engine.warmup_error = f"{exc.__class__.__name__}: {exc}"
     if not engine.warmup_error and engine.runner.device.type == "cuda":
         _gpu_setup(engine)
     engine.warmup_seconds = time.monotonic() - started
@@ -65,15 +74,19 @@ def warm_up(engine) -> None:
 
 
 def _gpu_setup(engine) -> None:
-    """After the warm-up run: size the KV pool from the memory left, then capture the decode graphs."""
+    """After the warm-up run: size the KV pool from the memory left, then capture the decode graphs.
+
+    With compiled layer ops the conversation runs once more, so image and prompt steps have
+    compiled too before anyone waits on them; if anything about the compiled ops fails, the plain
+    ones are used (and if capturing fails as well, decode steps run eagerly).
+    """
     import torch
 
     from chat.engine.graphs import DecodeGraphs
+    from chat.engine.layer_ops import Ops
 
     if engine.auto_kv:
         engine.resize_pool(engine.auto_kv_bytes())
-    from chat.engine.layer_ops import Ops
-
     step = engine.step_runner
     max_blocks = -(-engine.max_context // engine.pool.block_size)
     for compiled in (True, False):  # compiled layer ops if this GPU's toolchain can build them
@@ -83,6 +96,8 @@ def _gpu_setup(engine) -> None:
             graphs = DecodeGraphs(step, engine.scheduler.max_running, max_blocks)
             graphs.capture()
             engine.graphs = graphs
+            if compiled:
+                conversation(engine)
             log.info("captured decode graphs for batch sizes %s in %.1f s (layer ops %s)", graphs.sizes,
                      time.monotonic() - started, "compiled" if compiled else "plain")
             return
