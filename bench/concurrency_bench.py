@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import statistics
 import threading
@@ -220,6 +221,7 @@ def main() -> None:
     ap.add_argument("--json", default="")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on the CPU: checks the script, measures nothing")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     device = "cpu" if args.smoke else "cuda"
     b = Bench(device, SMOKE if args.smoke else REAL, args.batch_tokens, 0)
     gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU smoke run"
