@@ -3,7 +3,7 @@
 
 Qwen3-VL-8B decoder attention shape: 32 query / 8 KV heads x 128, bf16, 36 layers, KV cache in
 blocks of PAGE tokens (16 and 32). Candidates, each checked against an fp32 reference first:
-  triton  - bench/paged_kernels/triton_paged.py (split-K decode; varlen prefill over paged KV)
+  triton  - chat/engine/triton_attention.py (split-K decode; varlen prefill over paged KV)
   flex    - torch FlexAttention, compiled, with a paged block mask (paged_kernels/torch_paged.py)
   gather  - index the blocks into contiguous tensors, then SDPA (the CPU / test path)
   ref     - SDPA over contiguous used KV only (no paging; what decode_ceiling.py does), decode at
@@ -27,11 +27,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "paged_kernels"))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch_paged as tp  # noqa: E402
 
 try:
     import triton
-    import triton_paged as trp
+
+    from chat.engine import triton_attention as trp  # the engine's own kernels
 except Exception as e:  # noqa: BLE001
     triton, trp = None, None
     print("triton unavailable:", e)

@@ -27,3 +27,22 @@ def loaded(model_dir):
     from chat.engine.loader import load
 
     return load("tiny-random", model_dir)
+
+
+CHROMIUM = os.environ.get("VLCHAT_CHROMIUM", "/usr/bin/chromium")
+# Debian's chromium, headless, with no background traffic (this machine has no network).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Debian chromium per test module, driven by Playwright."""
+    from playwright import sync_api as playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"chromium not found at {CHROMIUM}; run tests/run.sh, which installs it")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()

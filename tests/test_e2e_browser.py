@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import os
 import sqlite3
 import time
 from pathlib import Path
@@ -11,16 +10,12 @@ from urllib.parse import urlsplit
 
 import pytest
 from PIL import Image
-from playwright import sync_api as playwright
 
 from tests.servers import ROOT, Server, data_dir, metric
 
-CHROMIUM = os.environ.get("VLCHAT_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
 # The page runs under its real Content-Security-Policy (no 'unsafe-eval'): Playwright gets functions, not
-# expressions, to evaluate.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+# expressions, to evaluate. The browser fixture is in conftest.py.
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +23,6 @@ def server(tmp_path_factory, model_dir):
     srv = Server(data_dir(tmp_path_factory, model_dir, "e2e-data"), env={"VLCHAT_MAX_MESSAGE_CHARS": "2000"}).start()
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"chromium not found at {CHROMIUM}; run tests/run.sh, which installs it")
-    with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import pickle
 import signal
 import socket
@@ -33,9 +32,6 @@ from tests.servers import Server, data_dir
 LEGACY_KEY = "legacy-browser-key-5f2a9c"
 LEGACY_SECRET = "Xq9-legacy-identity-secret-0123456789abcdefghij"
 API_KEY = "test-key-123"
-CHROMIUM = os.environ.get("VLCHAT_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 
 
 def legacy_blob(secret: str = LEGACY_SECRET, key: str = LEGACY_KEY) -> str:
@@ -82,18 +78,6 @@ def locked(tmp_path_factory, model_dir):
                  env={"VLCHAT_API_KEY": API_KEY, "VLCHAT_AUTH": "alice:correct-horse"}).start()
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright import sync_api as playwright
-
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"chromium not found at {CHROMIUM}; run tests/run.sh, which installs it")
-    with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def vlchat_cookie(context) -> str | None:
