@@ -73,12 +73,13 @@ OWNER = "browser:" + ME
 
 
 def test_send_stores_question_and_answer_and_streams(ctx, tmp_path):
-    updates = send(ctx, None, "What is this?", [png(tmp_path)], max_new=200)
+    # Long enough to stream for a while: the page draws what arrived every 0.1 s, and the engine is fast.
+    updates = send(ctx, None, "What is this?", [png(tmp_path)], max_new=1500)
     conv_id = updates[0][0]
     rows = ctx.store.messages(OWNER, conv_id)
     assert [r["role"] for r in rows] == ["user", "assistant"]
     assert rows[0]["text"] == "What is this?" and len(rows[0]["image_ids"]) == 1
-    assert rows[1]["status"] == "complete" and rows[1]["usage"]["completion_tokens"] == 200
+    assert rows[1]["status"] == "complete" and rows[1]["usage"]["completion_tokens"] == 1500
     history = updates[-1][1]
     assert text_of(history[-1]) == message_html(rows[1]["text"])
     assert len(updates) > 3  # streamed in several updates, not one
