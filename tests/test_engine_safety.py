@@ -194,3 +194,20 @@ def test_asking_for_a_gpu_where_there_is_none_fails_loudly():
         with pytest.raises(ModelLoadError, match="--device"):
             pick_device(requested)
     assert pick_device("auto")[0].type == "cpu"
+
+
+def test_requests_cancelled_while_queued_are_not_kept_around(loaded):
+    eng = Engine(Runner(loaded.model, loaded.processor), IMAGES.__getitem__, max_waiting=8)
+    eng.ready.set()  # accept work before the worker runs, so the requests wait in the queue
+    handles = [eng.submit(ChatRequest([user(f"q{i}")], GenParams(max_new_tokens=2))) for i in range(5)]
+    for h in handles:
+        h.cancel()
+    eng.start(warmup=False)
+    try:
+        assert eng.submit(ChatRequest([user("after")], GenParams(max_new_tokens=2))).wait(60)
+        deadline = time.monotonic() + 10
+        while eng._live and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not eng._live  # nothing left that drain() would have to end
+    finally:
+        eng.shutdown()

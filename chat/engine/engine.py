@@ -256,6 +256,8 @@ class Engine:
                 self._run_warmup()
                 continue
             if item.result is not None:  # cancelled while queued: already finished
+                with self._admit:
+                    self._live.discard(item)
                 continue
             self.scheduler.add(self._sequence(item))
 
