@@ -81,8 +81,10 @@ def bind(fn, ctx: Ctx, outputs: int | None = None):
 
 def mount_options(ctx: Ctx) -> dict:
     """What app.py passes to gr.mount_gradio_app for this page: its script and style."""
-    return {"head": f"<script>{(ASSETS / 'page.js').read_text()}</script>",
-            "css": (ASSETS / "page.css").read_text()}
+    # a11y.js/.css: landmarks, names and alt text Gradio leaves out; contrast, focus, motion.
+    scripts = ("page.js", "a11y.js")
+    return {"head": "".join(f"<script>{(ASSETS / name).read_text()}</script>" for name in scripts),
+            "css": "\n".join((ASSETS / name).read_text() for name in ("page.css", "a11y.css"))}
 
 
 def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
@@ -92,6 +94,7 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
     ready = ctx.engine.ready.is_set()
     with gr.Blocks(title="vlchat", fill_height=True, delete_cache=delete_cache) as demo:
         conv_id = gr.State(None)
+        gr.Markdown("# vlchat", elem_id="page-title", container=False)  # the page's h1
         if ctx.random_weights:
             gr.Markdown(
                 "⚠ **Test model with random weights.** Answers are noise; everything around them is real.",
