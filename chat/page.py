@@ -81,8 +81,9 @@ def bind(fn, ctx: Ctx, outputs: int | None = None):
 
 def mount_options(ctx: Ctx) -> dict:
     """What app.py passes to gr.mount_gradio_app for this page: its script and style."""
+    # announce.js: the answer said sentence by sentence in a live region of its own, and read aloud.
     # a11y.js/.css: landmarks, names and alt text Gradio leaves out; contrast, focus, motion.
-    scripts = ("page.js", "a11y.js")
+    scripts = ("page.js", "announce.js", "a11y.js")
     return {"head": "".join(f"<script>{(ASSETS / name).read_text()}</script>" for name in scripts),
             "css": "\n".join((ASSETS / name).read_text() for name in ("page.css", "a11y.css"))}
 
