@@ -61,19 +61,6 @@ def image_key(image_id: str) -> int:
     return -1 - int(hashlib.sha256(image_id.encode()).hexdigest()[:15], 16)
 
 
-def salted(keys: list[int], salt: str) -> list[int]:
-    """Cache keys that belong to one owner: the first key mixes in `salt` (as vLLM salts its first block).
-
-    Prefixes match from the first key on, so keys salted for different owners share nothing,
-    while one owner's turns still share their whole prefix. The salted key lies below every
-    token id (>= 0) and every image key (> -2**60), so it can never collide with either.
-    """
-    if not keys:
-        return keys
-    digest = hashlib.sha256(f"{salt}\x00{keys[0]}".encode()).hexdigest()[:15]
-    return [-(2**62) - int(digest, 16), *keys[1:]]
-
-
 def defuse(text: str) -> str:
     """Text as plain text: a typed '<|im_start|>' or '<|image_pad|>' must not become a control token.
 
