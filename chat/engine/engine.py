@@ -191,7 +191,7 @@ class Engine:
             self.metrics.waiting.set(self._waiting)
         handle = Handle(request, on_finish, self._release)
         try:
-            handle.prompt = self._checked_prompt(request)
+            handle.prompt = self.prompts.checked(request)
         except ContextTooLong as exc:
             handle._claim()  # frees the slot; the request never reaches the worker
             handle._finish(Failed(str(exc), exc.code))
@@ -219,9 +219,6 @@ class Engine:
         for handle in live:
             handle.cancel(shutting_down=True)
         return len(live)
-
-    def _checked_prompt(self, request: ChatRequest) -> Prompt:
-        return self.prompts.checked(request)
 
     def build_prompt(self, messages: list[dict], inline: dict | None = None) -> Prompt:
         """Render messages to a Prompt (see intake.py)."""

@@ -25,7 +25,7 @@ FOLLOW_UP = "What else can you see in it, and where exactly is each thing in the
 def _run(engine, request: ChatRequest) -> Done:
     handle = Handle(request, None)
     handle._state = "running"
-    handle.prompt = engine._checked_prompt(request)
+    handle.prompt = engine.prompts.checked(request)
     engine.scheduler.add(engine._sequence(handle))
     while handle.result is None:
         engine._step(engine.metrics)
