@@ -3,7 +3,7 @@
 
 Qwen3-VL-8B decoder attention shape: 32 query / 8 KV heads x 128, bf16, 36 layers, KV cache in
 blocks of PAGE tokens (16 and 32). Candidates, each checked against an fp32 reference first:
-  triton  - chat/engine/triton_attention.py (split-K decode; varlen prefill over paged KV)
+  triton  - chat/engine/local/triton_attention.py (split-K decode; varlen prefill over paged KV)
   flex    - torch FlexAttention, compiled, with a paged block mask (paged_kernels/torch_paged.py)
   gather  - index the blocks into contiguous tensors, then SDPA (the CPU / test path)
   ref     - SDPA over contiguous used KV only (no paging; what decode_ceiling.py does), decode at
@@ -33,7 +33,7 @@ import torch_paged as tp  # noqa: E402
 try:
     import triton
 
-    from chat.engine import triton_attention as trp  # the engine's own kernels
+    from chat.engine.local import triton_attention as trp  # the engine's own kernels
 except Exception as e:  # noqa: BLE001
     triton, trp = None, None
     print("triton unavailable:", e)

@@ -19,7 +19,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chat.engine.loader import TINY_CHAT_TEMPLATE, _tiny_tokenizer  # noqa: E402
+from chat.engine.local.loader import TINY_CHAT_TEMPLATE, _tiny_tokenizer  # noqa: E402
 
 REAL = dict(
     text=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,

@@ -32,8 +32,8 @@ import torch
 from common import QUESTION, REAL, SMOKE, build, copy_bandwidth, image_message, percentile, sync_time, weight_bytes
 from PIL import Image
 
-from chat.engine.engine import Engine
-from chat.engine.runner import Runner
+from chat.engine.local.engine import Engine
+from chat.engine.local.runner import Runner
 from chat.engine.types import ChatRequest, GenParams
 
 TIMES: dict[int, list[float]] = {}  # id(request) -> sample times
@@ -87,7 +87,7 @@ class Bench:
 
     def bare_prefill(self, messages: list[dict]) -> float:
         """Vision tower + decoder over the same prompt through transformers, inputs on the GPU; best of 3."""
-        from chat.engine.prompt import split_visual, template_messages
+        from chat.engine.local.prompt import split_visual, template_messages
         from chat.images import detail_pixels
 
         tmpl, ids = template_messages(messages)

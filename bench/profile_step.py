@@ -22,11 +22,11 @@ import torch
 from common import REAL, SMOKE, build, image_message, sync_time
 from concurrency_bench import picture
 
-from chat.engine import engine as engine_module
-from chat.engine.engine import Engine
-from chat.engine.graphs import DecodeGraphs
-from chat.engine.layer_ops import Ops
-from chat.engine.runner import Runner
+from chat.engine.local import engine as engine_module
+from chat.engine.local.engine import Engine
+from chat.engine.local.graphs import DecodeGraphs
+from chat.engine.local.layer_ops import Ops
+from chat.engine.local.runner import Runner
 from chat.engine.types import ChatRequest, GenParams
 
 PHASES: dict[str, list[float]] = defaultdict(list)
@@ -140,7 +140,7 @@ def main() -> None:
         PHASES.clear()
         t0 = time.perf_counter()
         if mode == "profiled":  # pack and forward timed apart, and the same forward run twice more
-            from chat.engine import step as step_module
+            from chat.engine.local import step as step_module
 
             forward, pack = step_module.ModelStep.forward, engine_module.pack
             seen = {}

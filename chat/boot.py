@@ -39,9 +39,9 @@ def _fail(ctx, server, message: str) -> None:
 
 def start_engine(settings: Settings, store, ctx, server) -> None:
     """Load the model, start the worker and hand it to the page; on failure stop the server."""
-    from chat.engine.engine import Engine
-    from chat.engine.loader import ModelLoadError, load
-    from chat.engine.runner import Runner
+    from chat.engine.local.engine import Engine
+    from chat.engine.local.loader import ModelLoadError, load
+    from chat.engine.local.runner import Runner
     from chat.images import open_clean
 
     status = ctx.status

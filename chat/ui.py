@@ -51,7 +51,7 @@ class Ctx:
     """What the handlers need; built once by app.py."""
 
     store: Store
-    engine: object  # chat.engine.engine.Engine (not imported: it pulls in torch)
+    engine: object  # chat.engine.local.engine.Engine (not imported: it pulls in torch)
     settings: Settings
     random_weights: bool = False
     model_name: str = ""

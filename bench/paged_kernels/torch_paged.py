@@ -1,7 +1,7 @@
 """Torch paths over a paged KV cache (issue 10 research): fp32 reference, SDPA over gathered
 blocks (the CPU / test path), and FlexAttention with a paged block mask.
 
-Cache layout, one layer: (num_blocks, PAGE, Hkv, D), the same as chat/engine/triton_attention.py.
+Cache layout, one layer: (num_blocks, PAGE, Hkv, D), the same as chat/engine/local/triton_attention.py.
 """
 import inspect
 import math

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 
-from chat.engine.prompt import Prompt, render, split_visual, template_messages
+from chat.engine.local.prompt import Prompt, render, split_visual, template_messages
 from chat.engine.types import ChatRequest, ContextTooLong
 
 MAX_KNOWN_GRIDS = 4096

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from chat.engine.kv import KVTensors
-from chat.engine.layer_ops import Ops, fuse_projections
+from chat.engine.local.kv import KVTensors
+from chat.engine.local.layer_ops import Ops, fuse_projections
 
 
 @dataclass

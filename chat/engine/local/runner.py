@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from chat.engine.detok import token_bytes
-from chat.engine.features import ImageFeatures
+from chat.engine.local.detok import token_bytes
+from chat.engine.local.features import ImageFeatures
 from chat.images import detail_pixels
 
 

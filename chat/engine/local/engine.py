@@ -26,18 +26,18 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 
-from chat.engine.batch import pack
-from chat.engine.features import Vision
 from chat.engine.handle import Handle
-from chat.engine.intake import PromptBuilder
-from chat.engine.kv import BlockPool, KVTensors
+from chat.engine.local.batch import pack
+from chat.engine.local.features import Vision
+from chat.engine.local.intake import PromptBuilder
+from chat.engine.local.kv import BlockPool, KVTensors
+from chat.engine.local.prompt import Prompt
+from chat.engine.local.retry import OUT_OF_MEMORY
+from chat.engine.local.sampling import sample
+from chat.engine.local.scheduler import Scheduler, StepPlan
+from chat.engine.local.sequence import Sequence
+from chat.engine.local.step import ModelStep
 from chat.engine.metrics import Metrics
-from chat.engine.prompt import Prompt
-from chat.engine.retry import OUT_OF_MEMORY
-from chat.engine.sampling import sample
-from chat.engine.scheduler import Scheduler, StepPlan
-from chat.engine.sequence import Sequence
-from chat.engine.step import ModelStep
 from chat.engine.types import (
     Busy,
     ChatRequest,
@@ -104,7 +104,7 @@ class Engine:
         self.step_runner = ModelStep(model, self.kv)
         self.graphs = None  # CUDA graphs for decode-only steps, captured by warm-up on a GPU
         if runner.device.type == "cuda":
-            from chat.engine.graphs import TritonAttention
+            from chat.engine.local.graphs import TritonAttention
 
             self.step_runner.attention = TritonAttention(self.kv, self.step_runner.layers[0].self_attn.scaling)
         self.feature_bytes = feature_bytes
@@ -374,12 +374,12 @@ class Engine:
         time.sleep(0.001)
 
     def _out_of_memory(self, plan: StepPlan) -> None:
-        from chat.engine.retry import after_out_of_memory
+        from chat.engine.local.retry import after_out_of_memory
 
         after_out_of_memory(self, plan)
 
     def _warmup(self) -> None:
-        from chat.engine.warmup import warm_up
+        from chat.engine.local.warmup import warm_up
 
         warm_up(self)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from chat.engine.prompt import split_visual
+from chat.engine.local.prompt import split_visual
 from chat.images import open_clean
 
 

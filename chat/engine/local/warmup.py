@@ -82,8 +82,8 @@ def _gpu_setup(engine) -> None:
     """
     import torch
 
-    from chat.engine.graphs import DecodeGraphs
-    from chat.engine.layer_ops import Ops
+    from chat.engine.local.graphs import DecodeGraphs
+    from chat.engine.local.layer_ops import Ops
 
     if engine.auto_kv:
         engine.resize_pool(engine.auto_kv_bytes())

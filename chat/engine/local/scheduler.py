@@ -22,8 +22,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from chat.engine.kv import BlockPool
-from chat.engine.sequence import Sequence
+from chat.engine.local.kv import BlockPool
+from chat.engine.local.sequence import Sequence
 
 
 @dataclass

@@ -19,8 +19,8 @@ import math
 import numpy as np
 import torch
 
-from chat.engine.scheduler import StepPlan
-from chat.engine.step import ModelStep, PackedBatch
+from chat.engine.local.scheduler import StepPlan
+from chat.engine.local.step import ModelStep, PackedBatch
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class TritonAttention:
     """Attention for a packed mixed batch: one varlen paged kernel launch per layer."""
 
     def __init__(self, kv, scale: float) -> None:
-        from chat.engine import triton_attention as ta
+        from chat.engine.local import triton_attention as ta
 
         self.ta = ta
         self.kv = kv
@@ -53,7 +53,7 @@ class DecodeGraphs:
     """One captured decode step per batch size; `run(plan)` fills the static inputs and replays."""
 
     def __init__(self, step: ModelStep, max_batch: int, max_blocks: int) -> None:
-        from chat.engine import triton_attention as ta
+        from chat.engine.local import triton_attention as ta
 
         self.ta = ta
         self.step = step

@@ -19,10 +19,10 @@ import time
 
 import torch
 
-from chat.engine.detok import OutputText
 from chat.engine.handle import Handle
-from chat.engine.kv import chain_hashes
-from chat.engine.prompt import Prompt
+from chat.engine.local.detok import OutputText
+from chat.engine.local.kv import chain_hashes
+from chat.engine.local.prompt import Prompt
 
 _arrivals = itertools.count()
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from chat.engine.scheduler import StepPlan, blocks_for
-from chat.engine.step import PackedBatch, SeqRows
+from chat.engine.local.scheduler import StepPlan, blocks_for
+from chat.engine.local.step import PackedBatch, SeqRows
 
 
 def pack(plan: StepPlan, block_size: int, device: torch.device) -> PackedBatch:
