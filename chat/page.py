@@ -83,7 +83,10 @@ def mount_options(ctx: Ctx) -> dict:
     """What app.py passes to gr.mount_gradio_app for this page: its script and style."""
     # announce.js: the answer said sentence by sentence in a live region of its own, and read aloud.
     # a11y.js/.css: landmarks, names and alt text Gradio leaves out; contrast, focus, motion.
-    scripts = ("page.js", "announce.js", "a11y.js")
+    # prefs.js: choices kept in the browser (mode, high contrast). camera.js: describe a photo, camera.
+    # keys.js: keyboard shortcuts and their dialog, moving between messages.
+    # They share `window.vlchat` (each adds its own functions to it).
+    scripts = ("page.js", "announce.js", "a11y.js", "prefs.js", "camera.js", "keys.js")
     return {"head": "".join(f"<script>{(ASSETS / name).read_text()}</script>" for name in scripts),
             "css": "\n".join((ASSETS / name).read_text() for name in ("page.css", "a11y.css"))}
 

@@ -1,0 +1,2 @@
+// vlchat camera.js (issue 11): filled in by its own commit.
+window.vlchat = window.vlchat || {};
