@@ -290,15 +290,9 @@
     });
 
     const read = button("read-aloud", "Read aloud");
-    read.addEventListener("click", () => {
-      stopSpeaking();
-      sentencesOf(answerText(lastBot())).forEach(speak);
-    });
+    read.addEventListener("click", () => readLast());
     const quiet = button("stop-reading", "Stop reading");
-    quiet.addEventListener("click", () => {
-      if (answer) answer.silenced = true;
-      stopSpeaking();
-    });
+    quiet.addEventListener("click", () => stopReading());
 
     const rateInput = document.createElement("input");
     rateInput.type = "range";
@@ -382,6 +376,21 @@
       true,
     );
   };
+  // For the other scripts (keys.js, camera.js): the same functions the controls use.
+  const readLast = () => {
+    stopSpeaking();
+    sentencesOf(answerText(lastBot())).forEach(speak);
+  };
+  const stopReading = () => {
+    if (answer) answer.silenced = true;
+    stopSpeaking();
+  };
+  const readMessage = (el) => {
+    stopSpeaking();
+    sentencesOf(answerText(el)).forEach(speak);
+  };
+  window.vlchat = Object.assign(window.vlchat || {}, { announce, readLast, stopReading, readMessage });
+
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
   else start();
 })();
