@@ -228,6 +228,8 @@
         if (answer) finish("");
         answer = { bot: null, count: null, said: 0, silenced: false };
         announceStatus(now);
+      } else if (/waiting/.test(now)) {
+        announceStatus(now); // the queue position while the answer waits for the model
       }
       return;
     }

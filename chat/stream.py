@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 0.1  # how soon a stream notices that its view moved on
 MIN_UPDATE_SECONDS = 0.05  # at most ~20 redraws a second: each one re-sends the message's HTML
 PROGRESS_SAVE_SECONDS = 2.0
+WAIT_NOTE_SECONDS = 1.0  # a request still waiting for the batch after this says its queue position
 
 
 # -- views ----------------------------------------------------------------------------------
@@ -149,6 +150,19 @@ def _events(handle) -> Iterator[object]:
             yield None
 
 
+def waiting_line(handle, since: float, now: float | None = None) -> str:
+    """The status while a request waits for a place in the batch (after a second), else "Answering…".
+
+    It starts with "Answering" like the plain line, so the page's announcer knows the answer is
+    still on its way (and says the queue position as it changes).
+    """
+    ahead = getattr(handle, "ahead", None)
+    if ahead is None or (now if now is not None else time.monotonic()) - since < WAIT_NOTE_SECONDS:
+        return "Answering…"
+    place = "you are next" if ahead == 0 else f"{ahead} ahead of you"
+    return f"Answering… waiting for the model: {place}."
+
+
 def _done_note(event: Done) -> str:
     note = "Stopped." if event.finish_reason == "cancelled" else ""
     if event.finish_reason == "length":
@@ -185,13 +199,20 @@ def stream(ctx: Ctx, turn: Turn, handle, session: str, token: int, history: list
         history = [*history, {"role": "assistant", "content": answer_content("", "pending")}]
         yield conv_id, history, box, choices, "Answering…", title
         text, shown, drawn_at, saved_at = "", "", time.monotonic(), time.monotonic()
+        said = "Answering…"
         for event in _events(handle):
             if not in_view():
                 left.set()
                 yield unchanged
                 return
+            if not text and event is None and (line := waiting_line(handle, saved_at)) != said:
+                said = line
+                yield skip, skip, skip, skip, line, skip
             if event is None or isinstance(event, Delta):
                 if event is not None:
+                    if said != "Answering…" and event.text:
+                        said = "Answering…"
+                        yield skip, skip, skip, skip, said, skip
                     text += event.text
                     if time.monotonic() - saved_at > PROGRESS_SAVE_SECONDS:
                         turn.save_progress(text)

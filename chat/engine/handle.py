@@ -41,6 +41,7 @@ class Handle:
         self._emitted = False
         self._text = ""  # what was streamed, kept for a Failed that ends it
         self.shutting_down = False  # cancelled because the server stops: ends as Failed, not Done
+        self.ahead: int | None = None  # while it waits for a place in the batch: requests before it
 
     @property
     def prompt_tokens(self) -> int:

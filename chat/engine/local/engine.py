@@ -273,8 +273,11 @@ class Engine:
     def _step(self, metrics: Metrics) -> None:
         plan = self.scheduler.schedule()
         metrics.preemptions.inc(len(plan.preempted))
+        for position, seq in enumerate(self.scheduler.waiting):  # queue positions, for the page's status line
+            seq.handle.ahead = position
         for chunk in list(plan.chunks):  # newly admitted: claim them (a cancel may have won the race)
             handle = chunk.seq.handle
+            handle.ahead = None
             if handle._state == "queued":
                 if not handle._claim():
                     plan.chunks.remove(chunk)
