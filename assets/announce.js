@@ -77,7 +77,7 @@
   // Each announcement is a new line in the region (screen readers queue additions); old lines go.
   const announce = (text) => {
     const said = (text || "").trim();
-    if (!said) return;
+    if (!said || level() === "off") return;
     const r = ensureRegion();
     const line = document.createElement("div");
     line.textContent = said;
@@ -121,7 +121,20 @@
     const checked = document.querySelector("#mode input[type=radio]:checked");
     return checked ? checked.value : "general";
   };
-  const announceOn = () => store.get(KEY.announce) !== "off";
+  // Announcement level: every sentence (default), only the status and the end of each answer, or nothing
+  // (refusals are alerts and are said anyway). Before levels, the setting was a checkbox: "off" meant "end".
+  const LEVELS = [
+    ["sentences", "Every sentence"],
+    ["end", "Only when an answer ends"],
+    ["off", "Nothing"],
+  ];
+  const level = () => {
+    const saved = store.get(KEY.announce);
+    if (saved === "off") return "end";
+    if (saved === "none") return "off";
+    return saved === "end" ? "end" : "sentences";
+  };
+  const announceOn = () => level() === "sentences";
   const autoReadOn = () => {
     const mode = currentMode();
     const saved = store.get(KEY.autoRead(mode));
@@ -275,10 +288,17 @@
     group.setAttribute("aria-label", "Announcements and reading aloud");
     Object.assign(group.style, { display: "flex", flexWrap: "wrap", gap: "0.5rem 1rem", alignItems: "center" });
 
-    const announceBox = document.createElement("input");
-    announceBox.type = "checkbox";
-    announceBox.checked = announceOn();
-    announceBox.addEventListener("change", () => store.set(KEY.announce, announceBox.checked ? "on" : "off"));
+    const levelSelect = document.createElement("select");
+    LEVELS.forEach(([value, text]) => {
+      const option = document.createElement("option");
+      option.value = value;
+      option.textContent = text;
+      levelSelect.appendChild(option);
+    });
+    levelSelect.value = level();
+    // Stored as "sentences" / "end" / "none" ("off" is the old checkbox's "end").
+    levelSelect.addEventListener("change", () =>
+      store.set(KEY.announce, levelSelect.value === "off" ? "none" : levelSelect.value));
 
     const autoBox = document.createElement("input");
     autoBox.type = "checkbox";
@@ -291,7 +311,7 @@
       if (event.target.closest && event.target.closest("#mode")) autoBox.checked = autoReadOn();
     });
 
-    const read = button("read-aloud", "Read aloud");
+    const read = button("read-aloud", "Read the last answer");
     read.addEventListener("click", () => readLast());
     const quiet = button("stop-reading", "Stop reading");
     quiet.addEventListener("click", () => stopReading());
@@ -328,7 +348,7 @@
     voiceSelect.addEventListener("change", () => store.set(KEY.voice, voiceSelect.value));
 
     group.append(
-      labelled("announce-answers", "Announce answers", announceBox),
+      labelled("announce-level", "Announce", levelSelect),
       labelled("auto-read", "Auto-read answers", autoBox),
       read,
       quiet,
@@ -338,6 +358,25 @@
     if (!synth()) [autoBox, read, quiet, rateInput, voiceSelect].forEach((el) => (el.disabled = true));
     return group;
   };
+  // A "Read aloud" button beside each answer's Copy button (Gradio re-renders the row: re-added each time).
+  const addReadButtons = () => {
+    document.querySelectorAll("#chat .message-row.bot-row").forEach((row, i) => {
+      let buttons = row.nextElementSibling;
+      while (buttons && !buttons.classList.contains("message-buttons") && !buttons.classList.contains("message-row")) {
+        buttons = buttons.nextElementSibling;
+      }
+      const wrapper = buttons && buttons.classList.contains("message-buttons")
+        ? buttons.querySelector(".icon-button-wrapper") : null;
+      if (!wrapper || wrapper.querySelector(".vl-read-answer")) return;
+      const b = button("", "Read aloud");
+      b.removeAttribute("id");
+      b.classList.add("vl-read-answer");
+      b.setAttribute("aria-label", `Read aloud: answer ${i + 1}`);
+      b.addEventListener("click", () => readMessage(row.querySelector("[data-testid='bot']") || row));
+      wrapper.appendChild(b);
+    });
+  };
+
   const place = () => {
     if (document.getElementById("speech-controls")) return true;
     const stop = document.getElementById("stop");
@@ -360,6 +399,7 @@
     new MutationObserver(() => {
       mute();
       progress(false);
+      addReadButtons();
     }).observe(chat, { subtree: true, childList: true, characterData: true, attributes: true,
       attributeFilter: ["aria-live"] });
     new MutationObserver(() => {

@@ -171,7 +171,7 @@ def test_auto_read_speaks_each_sentence_and_stop_cancels(server, page):
     assert [squash(s) for s in spoken] == [squash(s) for s in sentences(answer)], (spoken, answer)
 
     # Read aloud: the last answer again, from the start; the page's Stop cancels it.
-    page.get_by_role("button", name="Read aloud").click()
+    page.get_by_role("button", name="Read the last answer").click()
     assert recorded(page, "__spoken")[len(spoken):] == ["<cancel>", *sentences(last_answer(page))]
     page.locator("#stop").click()
     assert recorded(page, "__spoken")[-1] == "<cancel>"
@@ -188,15 +188,37 @@ def test_auto_read_speaks_each_sentence_and_stop_cancels(server, page):
     assert page.get_by_role("slider", name="Speech rate").input_value() == "1.5"
 
 
-def test_announcements_off_says_no_sentences(server, page):
+def test_announcement_levels(server, page):
     page.goto(server.base + "/")
     wait_ready(page)
-    page.get_by_role("checkbox", name="Announce answers").uncheck()
-    page.reload()  # the setting is kept
+    level = page.get_by_role("combobox", name="Announce")
+    assert level.input_value() == "sentences"
+    level.select_option(label="Only when an answer ends")
+    page.reload()  # the level is kept
     wait_ready(page)
-    assert not page.get_by_role("checkbox", name="Announce answers").is_checked()
+    assert page.get_by_role("combobox", name="Announce").input_value() == "end"
     answer = ask(page, "Tell me another long story.")
     assert len(sentences(answer)) >= 1
     said = [a for a in recorded(page, "__announced") if a not in STATUS_LINES]
     assert len(said) == 1 and said[0].startswith("Answer complete"), said
     assert recorded(page, "__spoken") == []  # auto-read is off in general chat
+
+    # Nothing: not even the status and the end (refusals are alerts, outside this region).
+    page.get_by_role("combobox", name="Announce").select_option(label="Nothing")
+    page.evaluate("() => { window.__announced.length = 0; }")
+    ask(page, "One more story.")
+    page.wait_for_timeout(500)
+    assert recorded(page, "__announced") == []
+
+
+def test_every_answer_has_its_own_read_aloud_button(server, page):
+    page.goto(server.base + "/")
+    wait_ready(page)
+    first = ask(page, "First story.", tokens="64")
+    ask(page, "Second story.", tokens="64")
+    buttons = page.get_by_role("button", name=re.compile(r"^Read aloud: answer \d$"))
+    page.wait_for_function("() => document.querySelectorAll('#chat .vl-read-answer').length === 2", timeout=10_000)
+    assert buttons.count() == 2
+    before = len(recorded(page, "__spoken"))
+    page.get_by_role("button", name="Read aloud: answer 1").click()
+    assert recorded(page, "__spoken")[before:] == ["<cancel>", *sentences(first)]
