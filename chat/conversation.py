@@ -21,6 +21,10 @@ class Mode:
     system_prompt: str
     temperature: float
     max_new_tokens: int
+    # Sent with a photo and no text ("Describe a photo", or paste and Enter).
+    describe_prompt: str = "Describe this image."
+    # Follow-up questions shown as buttons once there is an answer: (the button's label, what it sends).
+    follow_ups: tuple[tuple[str, str], ...] = ()
 
 
 MODES: dict[str, Mode] = {
@@ -33,6 +37,13 @@ MODES: dict[str, Mode] = {
             "say so when something in an image is unclear.",
             0.7,
             1024,
+            "Describe this image.",
+            (
+                ("More detail", "Tell me more about the image, in detail."),
+                ("Read any text", "Read out any text in the image exactly as written."),
+                ("What stands out?", "What is the most important or unusual thing in the image?"),
+                ("Summarise", "Summarise your last answer in one or two sentences."),
+            ),
         ),
         Mode(
             "troubleshoot",
@@ -43,16 +54,34 @@ MODES: dict[str, Mode] = {
             "If the text is unreadable, say which part and ask for a sharper screenshot.",
             0.2,
             1536,
+            "Read the exact error in this screenshot and explain how to fix it.",
+            (
+                ("Explain more simply", "Explain the cause again in simpler words, without jargon."),
+                ("Other possible causes", "What else could cause this error, and how can I tell which it is?"),
+                ("Read all the text", "Transcribe all the text in the screenshot exactly as written."),
+                ("How do I check it is fixed?", "How can I check that the fix worked?"),
+            ),
         ),
         Mode(
             "scene",
             "Scene description",
-            "You describe images for a blind or low-vision person. Start with one sentence that gives the "
-            "overview. Then give the important details in order of importance: people, text and signs, "
-            "obstacles and hazards, and where things are using left, right, ahead, near and far. Be concise "
-            "and concrete; do not guess at what cannot be seen. Give more detail only when asked.",
+            "You describe images for a blind or low-vision person. Answer first in two or three short "
+            "sentences: what the scene is, then anything urgent (a hazard, an obstacle, a step, traffic, or a "
+            "sign or warning that matters). Stop there: the person will ask if they want more. When asked for more, "
+            "give it in order of importance: people, text and signs, obstacles and hazards, and where things "
+            "are using left, right, ahead, near and far. Be concrete; do not guess at what cannot be seen, and "
+            "say so when the image is too dark or blurred to tell.",
             0.3,
-            512,
+            384,
+            "Describe this scene briefly.",
+            (
+                ("More detail", "Describe the scene in more detail: people, text and signs, obstacles, and where "
+                                "things are."),
+                ("Read any text", "Read out any text in the image exactly as written, and say where it is."),
+                ("What colours?", "What are the main colours in the image, and of what?"),
+                ("Is anything in the way?", "Is anything in the way or is there any hazard ahead? Say where it is "
+                                            "and how near."),
+            ),
         ),
     )
 }

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from chat import notices
+from chat import describe, notices
 from chat.conversation import DEFAULT_MODE, MODES
 from chat.notices import Notice
 from chat.ui import (
@@ -115,8 +115,16 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
         # Messages arrive as HTML rendered on the server with raw HTML escaped (chat.render):
         # the browser must not run them through Markdown again.
         chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=520, buttons=["copy"],
-                             feedback_options=None, placeholder="Attach or paste an image and ask about it.",
+                             feedback_options=None,
+                             placeholder="Attach or paste an image and ask about it, or press Describe a photo.",
                              render_markdown=False, sanitize_html=True)
+        # Follow-up questions (chat.describe): shown once the conversation on screen has an answer.
+        with gr.Row(visible=False, elem_id="follow-ups", equal_height=True) as follow_row:
+            gr.Markdown("Ask next:", elem_id="follow-ups-label", container=False, scale=0, min_width=80)
+            follow_btns = [gr.Button(label, size="sm", elem_id=f"follow-up-{i}", scale=0, min_width=120)
+                           for i, (label, _) in enumerate(default.follow_ups)]
+            follow_btns += [gr.Button("", size="sm", visible=False, elem_id=f"follow-up-{i}", scale=0, min_width=120)
+                            for i in range(len(follow_btns), describe.MAX_FOLLOW_UPS)]
         with gr.Column(visible=False, elem_id="notice", elem_classes=["notice"]) as notice:
             # Markdown, not gr.HTML: Gradio 6's HTML component evaluates templates with Function(),
             # which the page's CSP (no 'unsafe-eval') refuses. The text is escaped in chat.notices.
@@ -131,6 +139,11 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
             # one over the limit gets the notice that says how long it is and what the limit is.
             max_plain_text_length=10 * max_message_chars(ctx),
         )
+        with gr.Row(elem_id="describe-row"):
+            # Opens the file picker (on phones it offers the camera too) and sends the photo at once with the
+            # mode's describe prompt. assets/camera.js adds "Take a photo" next to it.
+            describe_btn = gr.UploadButton("Describe a photo", file_types=["image"], file_count="single",
+                                           type="filepath", elem_id="describe-photo", scale=0, min_width=220)
         timer = gr.Timer(1.0, active=False)
         with gr.Row(equal_height=True):
             detail = gr.Radio([("Low", "low"), ("Auto", "auto"), ("High", "high")], value="auto",
@@ -161,22 +174,31 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
         demo.load(bind(on_load, ctx, 4), None, [conv_list, box, status, timer, *note], show_progress="hidden",
                   **PRIVATE)
         timer.tick(bind(loading_tick, ctx), None, [box, status, timer], show_progress="hidden", **PRIVATE)
+        # The follow-up buttons follow what is on screen: after every event that changes it.
+        follow = {"fn": bind(describe.follow_ups, ctx), "inputs": [conv_id, mode],
+                  "outputs": [follow_row, *follow_btns], "show_progress": "hidden", "concurrency_limit": None,
+                  **PRIVATE}
         box.submit(bind(send, ctx, len(outputs)), [conv_id, box, *sampling, detail], [*outputs, *note],
-                   concurrency_limit=None, **PRIVATE)
+                   concurrency_limit=None, **PRIVATE).then(**follow)
+        describe_btn.upload(bind(describe.describe, ctx, len(outputs)), [conv_id, describe_btn, *sampling, detail],
+                            [*outputs, *note], concurrency_limit=None, **PRIVATE).then(**follow)
+        for btn in follow_btns:
+            btn.click(bind(describe.follow_up, ctx, len(outputs)), [btn, conv_id, *sampling, detail],
+                      [*outputs, *note], concurrency_limit=None, **PRIVATE).then(**follow)
         for source in (box, detail, max_new):
             source.change(bind(preview, ctx), preview_inputs, [attachments], queue=True, show_progress="hidden",
                           **PRIVATE)
         regen_btn.click(bind(regenerate, ctx, len(outputs)), [conv_id, *sampling], [*outputs, *note],
-                        concurrency_limit=None, **PRIVATE)
+                        concurrency_limit=None, **PRIVATE).then(**follow)
         # No `cancels=`: the engine ends the answer and the streaming handler shows it as stopped.
         stop_btn.click(bind(stop, ctx), None, [status], **PRIVATE)
         dismiss.click(notices.hidden, None, note, show_progress="hidden", **PRIVATE)
-        new_btn.click(bind(new_chat, ctx, len(cleared)), None, [*cleared, *note], **PRIVATE)
+        new_btn.click(bind(new_chat, ctx, len(cleared)), None, [*cleared, *note], **PRIVATE).then(**follow)
         conv_list.input(bind(open_conversation, ctx, 4), [conv_list], [conv_id, chatbot, title, mode, *note],
-                        **PRIVATE)
+                        **PRIVATE).then(**follow)
         rename_btn.click(bind(rename, ctx, 2), [conv_id, title], [conv_list, status, *note], **PRIVATE)
         title.submit(bind(rename, ctx, 2), [conv_id, title], [conv_list, status, *note], **PRIVATE)
-        delete_btn.click(bind(delete, ctx, len(cleared)), [conv_id], [*cleared, *note], **PRIVATE)
-        mode.input(bind(change_mode, ctx, 2), [conv_id, mode], [temperature, max_new, *note], **PRIVATE)
+        delete_btn.click(bind(delete, ctx, len(cleared)), [conv_id], [*cleared, *note], **PRIVATE).then(**follow)
+        mode.input(bind(change_mode, ctx, 2), [conv_id, mode], [temperature, max_new, *note], **PRIVATE).then(**follow)
         demo.unload(bind(page_closed, ctx))
     return demo

@@ -287,8 +287,9 @@ def send(ctx: Ctx, conv_id, box, mode, temperature, top_p, max_new_tokens, syste
                      f"{ctx.settings.max_images_per_conversation}. Start a new chat.")
     images = clean_files(files, ctx.settings)
     m = mode_for(mode)
+    asked = text or m.describe_prompt  # images and no text: the mode's describe prompt (paste + Enter)
     settings = _turn_settings(temperature, top_p, max_new_tokens, system, detail)
-    question = {"role": "user", "text": text, "image_ids": [i.sha256 for i in images], "settings": settings,
+    question = {"role": "user", "text": asked, "image_ids": [i.sha256 for i in images], "settings": settings,
                 "status": "complete"}
     turn = Turn(ctx, owner)
     handle = _submit(ctx, owner, conv_id, [*rows, question], settings, m.key, turn,
@@ -296,8 +297,8 @@ def send(ctx: Ctx, conv_id, box, mode, temperature, top_p, max_new_tokens, syste
     try:  # accepted: now it is stored
         ids = [ctx.store.put_image(i.data, mime=i.mime, width=i.width, height=i.height) for i in images]
         if not conv_id:
-            conv_id = ctx.store.create_conversation(owner, title=title_from(text), mode=m.key, settings=settings)
-        question_id = ctx.store.add_message(owner, conv_id, role="user", text=text, image_ids=ids, mode=m.key,
+            conv_id = ctx.store.create_conversation(owner, title=title_from(asked), mode=m.key, settings=settings)
+        question_id = ctx.store.add_message(owner, conv_id, role="user", text=asked, image_ids=ids, mode=m.key,
                                             settings=settings)
         answer_id = ctx.store.add_message(owner, conv_id, role="assistant", text="", status="pending", mode=m.key,
                                           settings=settings)
