@@ -16,7 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
-from chat.boot import start_engine
+from chat.boot import start_engine, start_remote_engine
 from chat.config import Settings, load_settings
 
 log = logging.getLogger("vlchat")
@@ -58,16 +58,21 @@ def local_theme():
 def health_body(ctx) -> tuple[dict, int]:
     """/health's answer: ok (200), loading with phase and progress (503), or failed with the reason (503)."""
     status = ctx.status
+    upstreams = getattr(ctx.engine, "health", None)
     if ctx.engine.ready.is_set():
         state = "ok"
     elif status.phase == "failed":
         state = "failed"
     else:
-        state = "loading"
+        state = "unavailable" if upstreams is not None else "loading"
     body = {"status": state, "model": ctx.model_name, "waiting": ctx.engine.waiting, "phase": status.phase,
             "progress": None if status.fraction is None else round(status.fraction, 3)}
     if state == "failed":
         body["error"] = status.error
+    if upstreams is not None:  # --engine-url: each model server's state
+        body["upstreams"] = upstreams()
+        if state == "unavailable":
+            body["error"] = ctx.engine.state_line()
     return body, 200 if state == "ok" else 503
 
 
@@ -106,8 +111,10 @@ def create_app(settings: Settings):
     recovered = store.recover_interrupted()
     if recovered:
         log.info("marked %d answers interrupted by the last shutdown", recovered)
-    ctx = ui.Ctx(store=store, engine=_NotLoaded(), settings=settings, random_weights=settings.model == "tiny-random",
-                 model_name=settings.model, status=LoadStatus())
+    remote = bool(settings.engine_urls)
+    tiny = (settings.engine_model if remote else settings.model) == "tiny-random"
+    ctx = ui.Ctx(store=store, engine=_NotLoaded(), settings=settings, random_weights=tiny,
+                 model_name=(settings.engine_model or "vlchat") if remote else settings.model, status=LoadStatus())
     expose_docs = getattr(settings, "expose_docs", False)
     docs = {"docs_url": "/docs", "redoc_url": "/redoc", "openapi_url": "/openapi.json"} if expose_docs else \
         {"docs_url": None, "redoc_url": None, "openapi_url": None}
@@ -115,7 +122,7 @@ def create_app(settings: Settings):
     is_open, reason = api_policy(settings)
     if not is_open:
         log.warning("%s", reason)
-    ctx.api = ApiState(settings=settings, engine=ctx.engine, model_name=settings.model, keys=settings.api_keys,
+    ctx.api = ApiState(settings=settings, engine=ctx.engine, model_name=ctx.model_name, keys=settings.api_keys,
                        open=is_open, closed_reason=reason)
     app.include_router(router(ctx.api))
 
@@ -203,9 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     server = make_server(app, settings.host, settings.port,
                          grace_seconds=getattr(settings, "shutdown_grace_seconds", 5),
                          header_timeout=getattr(settings, "header_timeout_seconds", 15), on_shutdown=drain)
-    threading.Thread(target=start_engine, args=(settings, store, ctx, server), name="vlchat-load", daemon=True).start()
-    log.info("serving on http://%s:%d (the model loads in the background; /health says when ready)",
-             settings.host, settings.port)
+    if settings.engine_urls:
+        threading.Thread(target=start_remote_engine, args=(settings, store, ctx), name="vlchat-load",
+                         daemon=True).start()
+    else:
+        threading.Thread(target=start_engine, args=(settings, store, ctx, server), name="vlchat-load",
+                         daemon=True).start()
+    log.info("serving on http://%s:%d (%s; /health says when ready)", settings.host, settings.port,
+             "answers come from --engine-url" if settings.engine_urls else "the model loads in the background")
     quiet_signals_after_run()
     server.run()
     if getattr(ctx.engine, "shutdown", None):

@@ -85,7 +85,11 @@ def engine_error(exc: EngineError) -> ApiError:
 
 
 def failed_error(event: Failed) -> ApiError:
-    """A Failed event as an ApiError."""
+    """A Failed event as an ApiError (a remote engine's event may carry the HTTP status to answer with)."""
+    status = getattr(event, "status", None)
+    if isinstance(status, int) and 400 <= status < 600 and event.code != ContextTooLong.code:
+        kind = "server_error" if status >= 500 else "invalid_request_error"
+        return ApiError(status, event.message, kind, code=event.code or None, headers=RETRY if status == 503 else None)
     if event.code == ContextTooLong.code:
         return bad(event.message, "messages", event.code)
     if event.code in (ShuttingDown.code, Busy.code, NotReady.code):

@@ -1,4 +1,4 @@
-"""Start-up of the local engine: load the model, warm it up, hand it to the page and API.
+"""Start-up of the engine: load the model and warm it up (local), or connect to model servers (remote).
 
 Runs on a background thread while the server already listens. Progress goes into the shared
 `LoadStatus` (the page shows it, /health reports it). Any failure, in loading or in warm-up,
@@ -87,3 +87,34 @@ def start_engine(settings: Settings, store, ctx, server) -> None:
     ctx.engine = ctx.api.engine = engine
     if placeholder is not None and hasattr(placeholder, "ready"):
         placeholder.ready.set()  # whoever waits on the stand-in learns the engine is ready
+
+
+def salt_secret(data_dir) -> bytes:
+    """The key the remote engine's cache salts and conversation ids are HMACs under (from cookie.key, own label)."""
+    import hashlib
+    import hmac
+
+    from chat.security import secret_file
+
+    return hmac.new(secret_file(data_dir / "cookie.key"), b"vlchat upstream salts", hashlib.sha256).digest()
+
+
+def start_remote_engine(settings: Settings, store, ctx) -> None:
+    """--engine-url: no model here; answer with the model servers, and name the model once one is up."""
+    from chat.engine.remote import RemoteEngine
+
+    engine = RemoteEngine(
+        settings.engine_urls, secret=salt_secret(settings.data_dir), load_image=store.image_bytes,
+        key=settings.engine_key, model=settings.engine_model, session_header=settings.engine_session_header,
+        first_token_seconds=settings.engine_first_token_seconds, max_waiting=settings.max_waiting,
+    )
+    engine.start()
+    ctx.status.set("ready")
+    placeholder = ctx.engine
+    ctx.engine = ctx.api.engine = engine
+    if placeholder is not None and hasattr(placeholder, "ready"):
+        placeholder.ready.set()
+    log.info("no model is loaded here: answers come from %s", ", ".join(u["url"] for u in engine.health()))
+    engine.ready.wait()
+    if engine.model_name:
+        ctx.model_name = ctx.api.model_name = engine.model_name

@@ -25,7 +25,7 @@ from chat.engine.types import GenParams
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
-SECRETS = ("auth", "api_key")
+SECRETS = ("auth", "api_key", "engine_key")
 
 
 class SettingsError(ValueError):
@@ -93,11 +93,31 @@ class Settings:
     header_timeout_seconds: int = _opt(15, "Seconds a client may take to send a request's headers.", lo=1)
     body_timeout_seconds: int = _opt(30, "Seconds a request body may stall between chunks; then 408.", lo=1)
     log_level: str = _opt("INFO", "Logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL.", check="log_level")
+    engine_url: str = _opt(
+        "", "Model server(s) with an OpenAI chat API to answer with instead of loading a model here, e.g. "
+        "http://10.0.0.5:8000/v1 (vLLM, SGLang or another vlchat); several separated by commas.", check="engine_url",
+    )
+    engine_key: str = _opt("", "API key sent to the model server(s) as 'Authorization: Bearer KEY'.",
+                           check="engine_key")
+    engine_model: str = _opt("", "Model name to ask the model server(s) for (empty: the first one they list).")
+    engine_session_header: str = _opt(
+        "X-Session-Id", "Header that carries a conversation's id to the model server(s), for routers that keep a "
+        "conversation on one server (empty: not sent).", check="header",
+    )
+    engine_first_token_seconds: int = _opt(
+        120, "With a model server: seconds to wait for its first token before the request fails (and is "
+        "cancelled there).", lo=1,
+    )
 
     def __post_init__(self) -> None:
         """Every value within what its setting allows (raises SettingsError naming the setting)."""
         for f in fields(self):
             _check(f, getattr(self, f.name))
+
+    @property
+    def engine_urls(self) -> tuple[str, ...]:
+        """The --engine-url servers (base URLs without a trailing slash); empty: the local engine."""
+        return tuple(u.strip().rstrip("/") for u in self.engine_url.split(",") if u.strip())
 
     @property
     def api_keys(self) -> tuple[str, ...]:
@@ -163,6 +183,11 @@ def _api_keys_ok(value: str) -> bool:
     return not value or (any(keys) and all(re.fullmatch(r"[!-~]*", k) for k in keys))
 
 
+def _engine_urls_ok(value: str) -> bool:
+    urls = [u.strip() for u in value.split(",")]
+    return not value.strip() or all(re.fullmatch(r"https?://[^\s/?#,]+(/[^\s?#,]*)?", u) for u in urls)
+
+
 _STRING_RULES = {
     "nonempty": (lambda v: bool(v.strip()), "non-empty"),
     "host": (lambda v: bool(re.fullmatch(r"\S+", v)), "an address such as 127.0.0.1, 0.0.0.0 or ::"),
@@ -171,6 +196,9 @@ _STRING_RULES = {
              "user:password (a user name without ':', then a password)"),
     "api_key": (_api_keys_ok, "one or more keys separated by commas, printable ASCII without spaces"),
     "log_level": (lambda v: v.upper() in LOG_LEVELS, "one of " + ", ".join(LOG_LEVELS)),
+    "engine_url": (_engine_urls_ok, "empty, or http(s) URLs such as http://gpu-box:8000/v1 separated by commas"),
+    "engine_key": (lambda v: bool(re.fullmatch(r"[!-~]*", v)), "printable ASCII without spaces"),
+    "header": (lambda v: bool(re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]*", v)), "an HTTP header name (or empty)"),
 }
 
 

@@ -18,6 +18,7 @@ images, question and a 'pending' answer stored -> uploaded originals deleted -> 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -94,21 +95,35 @@ def check_text(ctx: Ctx, text: str, system: str | None = "") -> None:
 
 
 def loading_line(ctx: Ctx) -> str:
-    """How start-up is going, for a person."""
+    """How start-up is going (or, with --engine-url, whether the model server is there), for a person."""
+    remote_line = getattr(ctx.engine, "state_line", None)
+    if remote_line is not None:
+        return remote_line()
     return ctx.status.describe() if ctx.status is not None else "The model is loading…"
 
 
 def check_ready(ctx: Ctx) -> None:
     """Refuse work until the model serves (nothing is stored for a message sent too early)."""
     if not ctx.engine.ready.is_set():
+        if getattr(ctx.engine, "state_line", None) is not None:  # --engine-url: the model server is away
+            raise Notice(f"{loading_line(ctx)} Nothing was sent; your message is still in the box.")
         raise Notice(f"{loading_line(ctx)} The model is not ready yet, so nothing was sent; try again when "
                      "the box is enabled.")
 
 
 def readiness(ctx: Ctx) -> tuple:
-    """(input box, status line, timer) updates: the box is off, with the loading line, until ready."""
+    """(input box, status line, timer) updates: the box is off, with the loading line, until ready.
+
+    With --engine-url the model server can go away and come back, so the timer keeps watching (every
+    `watch_seconds`) and the status line is left alone while nothing changes (it may say "Answering…").
+    """
+    watch = getattr(ctx.engine, "watch_seconds", None)
     if ctx.engine.ready.is_set():
-        return gr.update(interactive=True, placeholder=PLACEHOLDER), "", gr.Timer(active=False)
+        if watch is None:
+            return gr.update(interactive=True, placeholder=PLACEHOLDER), "", gr.Timer(active=False)
+        just_back = time.monotonic() - ctx.engine.changed_at < 2 * watch
+        return (gr.update(interactive=True, placeholder=PLACEHOLDER), "" if just_back else gr.skip(),
+                gr.Timer(watch, active=True))
     line = loading_line(ctx)
     failed = getattr(ctx.status, "phase", "") == "failed"
     return gr.update(interactive=False, placeholder=line), line, gr.Timer(active=not failed)
