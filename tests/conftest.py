@@ -14,7 +14,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     """A data folder holding the tiny checkpoint (built once per run)."""
-    from chat.engine.loader import TINY_RANDOM, build_tiny_random
+    from chat.engine.local.loader import TINY_RANDOM, build_tiny_random
 
     data = tmp_path_factory.mktemp("data")
     build_tiny_random(data / "models" / TINY_RANDOM)
@@ -24,7 +24,7 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def loaded(model_dir):
     """Processor and model loaded with `from_pretrained`, as the app does."""
-    from chat.engine.loader import load
+    from chat.engine.local.loader import load
 
     return load("tiny-random", model_dir)
 

@@ -7,8 +7,8 @@ from contextlib import contextmanager
 import torch
 from PIL import Image
 
-from chat.engine import engine as engine_module
-from chat.engine.prompt import split_visual, template_messages
+from chat.engine.local import engine as engine_module
+from chat.engine.local.prompt import split_visual, template_messages
 from chat.engine.types import ChatRequest, GenParams
 from chat.images import detail_pixels
 

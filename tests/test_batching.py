@@ -7,10 +7,10 @@ import time
 import pytest
 import torch
 
-from chat.engine.engine import Engine
-from chat.engine.kv import BlockPool, chain_hashes
-from chat.engine.prompt import common_prefix
-from chat.engine.runner import Runner
+from chat.engine.local.engine import Engine
+from chat.engine.local.kv import BlockPool, chain_hashes
+from chat.engine.local.prompt import common_prefix
+from chat.engine.local.runner import Runner
 from chat.engine.types import Delta, Done, GenParams
 from tests.engine_helpers import IMAGES, recorded_logits, request, run, user
 
@@ -225,7 +225,7 @@ def test_sampling_in_a_batch_depends_only_on_the_request(engine):
 
 
 def test_presence_penalty_changes_what_repeats():
-    from chat.engine.sampling import sample
+    from chat.engine.local.sampling import sample
 
     with torch.inference_mode():  # as the engine's forward hands them over
         logits = torch.tensor([[5.0, 4.9, 0.0]])

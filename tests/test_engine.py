@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from chat.engine.detok import TextStream
-from chat.engine.engine import Engine
-from chat.engine.runner import Runner
+from chat.engine.local.detok import TextStream
+from chat.engine.local.engine import Engine
+from chat.engine.local.runner import Runner
 from chat.engine.types import Busy, ChatRequest, Delta, Done, Failed, GenParams, NotReady
 from tests.engine_helpers import IMAGES, recorded_logits, reference_logits, request, run, user
 
@@ -293,7 +293,7 @@ def test_typed_special_tokens_stay_plain_text(engine, loaded):
 
 
 def test_byte_level_detokenizing_equals_the_tokenizers_own_decode(loaded):
-    from chat.engine.detok import ByteStream, token_bytes
+    from chat.engine.local.detok import ByteStream, token_bytes
 
     tok = loaded.processor.tokenizer
     table = token_bytes(tok)

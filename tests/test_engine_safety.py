@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from chat.engine.engine import Engine
-from chat.engine.kv import chain_hashes
-from chat.engine.runner import Runner
+from chat.engine.local.engine import Engine
+from chat.engine.local.kv import chain_hashes
+from chat.engine.local.runner import Runner
 from chat.engine.types import ChatRequest, Done, Failed, GenParams, ShuttingDown
 
 RED = Image.new("RGB", (200, 120), (200, 10, 10))
@@ -188,7 +188,7 @@ def test_a_failed_warm_up_ends_the_process_with_advice(model_dir, monkeypatch, c
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 def test_asking_for_a_gpu_where_there_is_none_fails_loudly():
-    from chat.engine.loader import ModelLoadError, pick_device
+    from chat.engine.local.loader import ModelLoadError, pick_device
 
     for requested in ("cuda", "cuda:1"):
         with pytest.raises(ModelLoadError, match="--device"):

@@ -12,8 +12,8 @@ from PIL import Image
 
 from chat import page, ui
 from chat.config import Settings
-from chat.engine.engine import Engine
-from chat.engine.runner import Runner
+from chat.engine.local.engine import Engine
+from chat.engine.local.runner import Runner
 from chat.images import open_clean
 from chat.notices import Notice
 from chat.render import message_html

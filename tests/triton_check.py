@@ -14,10 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chat.engine.engine import Engine  # noqa: E402
-from chat.engine.graphs import DecodeGraphs, TritonAttention  # noqa: E402
-from chat.engine.loader import build_tiny_random, load  # noqa: E402
-from chat.engine.runner import Runner  # noqa: E402
+from chat.engine.local.engine import Engine  # noqa: E402
+from chat.engine.local.graphs import DecodeGraphs, TritonAttention  # noqa: E402
+from chat.engine.local.loader import build_tiny_random, load  # noqa: E402
+from chat.engine.local.runner import Runner  # noqa: E402
 from tests.engine_helpers import IMAGES, recorded_logits, request, user  # noqa: E402
 
 CASES = [[user("Hello there.")], [user("What is this?", "red")], [user("Compare these.", "fractal", "wide")],
