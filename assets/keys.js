@@ -86,8 +86,8 @@
       if (!type) continue;
       const blob = await item.getType(type);
       const file = new File([blob], `clipboard.${extension(type)}`, { type });
-      say("Sending the image from the clipboard.");
-      vl().describeFile(file);
+      if (vl().describeFile(file) === false) say("Describing a photo is not available.");
+      else say("Sending the image from the clipboard.");
       return;
     }
     say("The clipboard has no image.");
@@ -293,6 +293,13 @@
   const typing = (t) =>
     !!t && (t.isContentEditable || t.tagName === "TEXTAREA" || t.tagName === "SELECT" ||
       (t.tagName === "INPUT" && TEXT_INPUTS.test(t.type || "text")));
+  const modal = () => {
+    try {
+      return document.querySelector("dialog:modal");
+    } catch (e) {
+      return dialog && dialog.open ? dialog : null; // no :modal in this browser
+    }
+  };
   const letterOf = (event) => {
     if (/^[a-z]$/i.test(event.key)) return event.key.toLowerCase();
     if (/^Key[A-Z]$/.test(event.code)) return event.code.slice(3).toLowerCase(); // macOS Option+Shift
@@ -301,7 +308,7 @@
   const onKey = (event) => {
     if (event.defaultPrevented || event.isComposing) return;
     const target = event.target;
-    const open = dialog && dialog.open;
+    const open = !!modal();
     // Alt+Shift+letter: anywhere.
     if (event.altKey && event.shiftKey && !event.ctrlKey && !event.metaKey) {
       const s = byLetter.get(letterOf(event));
@@ -310,8 +317,8 @@
       event.stopPropagation();
       if (event.repeat) return;
       if (open) {
-        if (s.alt === "h") dialog.close();
-        return; // the dialog is modal: nothing else while it is open
+        if (s.alt === "h" && dialog && dialog.open) dialog.close();
+        return; // a modal dialog (this one, the camera's) is open: nothing else meanwhile
       }
       s.run();
       return;
