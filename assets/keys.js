@@ -94,8 +94,9 @@
   };
   const stopAnswer = () => {
     const busy = answering();
+    const speaking = !!(window.speechSynthesis && window.speechSynthesis.speaking);
     click("#stop"); // also stops reading aloud (announce.js)
-    if (!busy) say("No answer is being written.");
+    if (!busy && !speaking) say("No answer is being written.");
   };
   const readLast = () => {
     if (!$("#chat [data-testid='bot']")) say("There is no answer to read yet.");
@@ -234,6 +235,11 @@
         textContent:
           "Alt+Shift shortcuts work anywhere on the page, in the message box too (on a Mac: Option+Shift). " +
           "Single keys work when you are not typing in a text field. Escape closes this dialog.",
+      }),
+      el("p", {
+        textContent:
+          "With NVDA or JAWS in browse mode, use the Alt+Shift keys: browse mode keeps single letters and the " +
+          "arrows for itself. Moving to a message puts the focus on it, and the screen reader reads it.",
       }),
       table,
       close,

@@ -21,6 +21,10 @@ from tests.test_e2e_browser import open_settings, set_setting, wait_idle, wait_r
 
 BOX = "#input textarea"
 MESSAGES = "#chat [data-testid='user'], #chat [data-testid='bot']"
+# The focus ring of the focused control (a radio's is drawn around its label).
+RING = """() => { const el = document.activeElement;
+  const drawn = el.matches('input[type=radio], input[type=checkbox]') ? (el.closest('label') || el) : el;
+  const s = getComputedStyle(drawn); return s.outlineStyle + ' ' + s.outlineWidth; }"""
 
 
 @pytest.fixture(scope="module")
@@ -173,9 +177,7 @@ def test_shortcuts_dialog_dark_mode_axe(browser, server):
         page.keyboard.press("Alt+Shift+H")
         expect(page.get_by_role("dialog", name="Keyboard shortcuts")).to_be_visible()
         assert_clean(page, "in dark mode with the keyboard shortcuts dialog open")
-        ring = page.evaluate("() => { const s = getComputedStyle(document.activeElement);"
-                             " return s.outlineStyle + ' ' + s.outlineWidth; }")
-        assert ring == "solid 3px", ring
+        assert page.evaluate(RING) == "solid 3px"
     finally:
         context.close()
 
@@ -223,9 +225,7 @@ def test_message_navigation_read_aloud_and_new_chat(browser, server):
         page.keyboard.press("End")
         assert_on_message(page, 3)
         # The focused message shows the focus ring.
-        ring = page.evaluate("() => { const s = getComputedStyle(document.activeElement);"
-                             " return s.outlineStyle + ' ' + s.outlineWidth; }")
-        assert ring == "solid 3px", ring
+        assert page.evaluate(RING) == "solid 3px"
         # Enter reads the focused message aloud; Escape goes back to the message box.
         page.keyboard.press("ArrowUp")
         user_text = message_at(page, 2).inner_text().strip()
@@ -424,6 +424,7 @@ def test_tab_walk_reaches_every_control_named_and_never_gets_stuck(browser, serv
         ask(page, "A message to walk past.")
         page.wait_for_function("() => !!document.querySelector('#camera')", timeout=10_000)
         forward = walk(page, "Tab")
+        print("\nTab walk:", *[s["html"] for s in forward], sep="\n  ")
         expected = page.evaluate(TABBABLE)
         reached = {s["id"] for s in forward}
         missed = [e["html"] for e in expected if e["id"] not in reached]
@@ -431,12 +432,16 @@ def test_tab_walk_reaches_every_control_named_and_never_gets_stuck(browser, serv
         assert len(forward) == len(reached)  # each control once per round
         for control in ("shortcuts", "new-chat", "stop", "read-aloud", "stop-reading", "camera"):
             assert any(f'id="{control}"' in s["html"] for s in forward), control
-        # Every stop has a name: visit each again (the walk ended on the first) and ask the accessibility tree.
+        # Every stop has a name and shows the focus ring: visit each again (the walk ended on the first).
+        unringed = []
         for i, stop in enumerate(forward):
             while i and page.evaluate(WALK_STEP)["id"] == forward[i - 1]["id"] or page.evaluate(WALK_STEP)["body"]:
                 page.keyboard.press("Tab")
             assert page.evaluate(WALK_STEP)["id"] == stop["id"], stop["html"]
             expect(page.locator("*:focus")).to_have_accessible_name(re.compile(r"\S"))
+            if page.evaluate(RING) != "solid 3px":
+                unringed.append(stop["html"])
+        assert not unringed, unringed
         # Backwards: the same controls, in the opposite order.
         backward = walk(page, "Shift+Tab")
         assert {s["id"] for s in backward} == reached
