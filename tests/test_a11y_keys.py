@@ -224,6 +224,11 @@ def test_message_navigation_read_aloud_and_new_chat(browser, server):
         assert_on_message(page, 0)
         page.keyboard.press("End")
         assert_on_message(page, 3)
+        # On a Mac, Option+Shift+K types the Apple logo (event.key "\uf8ff"): the key's place (event.code) counts.
+        page.evaluate("""() => document.activeElement.dispatchEvent(new KeyboardEvent('keydown',
+            {key: '\uf8ff', code: 'KeyK', altKey: true, shiftKey: true, bubbles: true, cancelable: true}))""")
+        assert_on_message(page, 2)
+        page.keyboard.press("End")
         # The focused message shows the focus ring.
         assert page.evaluate(RING) == "solid 3px"
         # Enter reads the focused message aloud; Escape goes back to the message box.
