@@ -1,0 +1,350 @@
+"""--engine-url: vlchat's page and API in front of other model servers, as real processes on loopback.
+
+- `front` answers with a second vlchat (`upstream`, tiny-random) through `--engine-url`. The front is
+  started with a model folder that does not exist and `--device cuda`, so it could not serve at all if
+  it tried to load a model.
+- `fake_front` answers with two fake vLLM servers (tests/fake_upstream.py), which record what they are
+  sent: what vLLM would receive, conversation affinity, failover, and the error mapping.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import re
+import sqlite3
+import time
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from tests.fake_upstream import FakeUpstream
+from tests.servers import Server, data_dir, metric
+
+CANCELLED = 'vlchat_requests_total{outcome="cancelled"}'
+KEY1, KEY2 = "client-key-one", "client-key-two"
+
+
+def png(width: int = 320) -> bytes:
+    """A picture (another width: another image, not in any cache yet)."""
+    buf = io.BytesIO()
+    Image.effect_mandelbrot((width, 200), (-2, -1, 1, 1), 60).convert("RGB").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def image_message(text: str, data: bytes) -> dict:
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                        {"type": "text", "text": text}]}
+
+
+def wait_for(check, timeout: float = 15, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# -- servers ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fakes():
+    pair = [FakeUpstream("alpha").start(), FakeUpstream("beta").start()]
+    yield pair
+    for fake in pair:
+        fake.stop()
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory, model_dir, fakes):
+    """The upstream vlchat, the front before it, and the front before the two fakes, started side by side."""
+    def data(name: str):
+        return data_dir(tmp_path_factory, model_dir, name)
+
+    upstream = Server(data("remote-upstream"))
+    front_dir = data("remote-front")
+    front = Server(front_dir, "--engine-url", upstream.base + "/v1", "--model", str(front_dir / "no-such-model"),
+                   "--device", "cuda")
+    fake_front = Server(data("remote-fake-front"), "--engine-url", ",".join(f.base for f in fakes),
+                        "--engine-key", "upstream-key", "--engine-first-token-seconds", "3",
+                        env={"VLCHAT_API_KEY": f"{KEY1},{KEY2}"})
+    group = {"upstream": upstream, "front": front, "fake_front": fake_front}
+    try:
+        for srv in group.values():
+            srv.launch()
+        for srv in group.values():
+            srv.wait_healthy()
+        yield group
+    finally:
+        for srv in group.values():
+            srv.stop()
+
+
+@pytest.fixture(scope="module")
+def upstream(servers) -> Server:
+    return servers["upstream"]
+
+
+@pytest.fixture(scope="module")
+def front(servers) -> Server:
+    return servers["front"]
+
+
+@pytest.fixture(scope="module")
+def fake_front(servers) -> Server:
+    return servers["fake_front"]
+
+
+def client(srv: Server, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.base + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+# -- in front of another vlchat ---------------------------------------------------------------------
+
+
+def test_front_loads_no_model_and_reports_the_upstream(front, upstream):
+    health = httpx.get(front.base + "/health").json()
+    assert health["status"] == "ok" and health["model"] == "tiny-random"
+    assert health["upstreams"] == [{"url": upstream.base + "/v1", "up": True}]
+    assert "loading model weights" not in front.log.read_text()
+    assert "tiny-random" in [m.id for m in client(front).models.list().data]
+    assert f'vlchat_upstream_up{{upstream="{upstream.base}/v1"}} 1.0' in httpx.get(front.base + "/metrics").text
+
+
+def test_api_two_turns_encode_the_image_once_and_pass_cached_tokens(front, upstream):
+    encoded = metric(upstream.base, "vlchat_images_encoded_total")
+    api = client(front)
+    messages = [image_message("What is in this picture?", png())]
+    first = api.chat.completions.create(model="vlchat", messages=messages, max_tokens=12)
+    assert first.choices[0].message.content and first.usage.prompt_tokens > 0
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And the colours?"}]
+    chunks = list(api.chat.completions.create(model="tiny-random", messages=messages, max_tokens=12, stream=True,
+                                              stream_options={"include_usage": True}))
+    usage = chunks[-1].usage
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert usage.prompt_tokens > first.usage.prompt_tokens
+    assert usage.prompt_tokens_details.cached_tokens > 0  # the upstream's prefix cache, passed through
+    assert metric(upstream.base, "vlchat_images_encoded_total") - encoded == 1  # turn 2 reused its features
+    assert metric(front.base, "vlchat_cached_prompt_tokens_total") >= usage.prompt_tokens_details.cached_tokens
+
+
+def test_closing_an_api_stream_cancels_the_upstream_request(front, upstream):
+    cancelled = metric(upstream.base, CANCELLED)
+    stream = client(front).chat.completions.create(
+        model="vlchat", messages=[{"role": "user", "content": "Write forever."}], max_tokens=4000, stream=True)
+    for n, _ in enumerate(stream):
+        if n == 5:
+            break
+    stream.close()
+    wait_for(lambda: metric(upstream.base, CANCELLED) > cancelled, 10, "the upstream to count a cancel")
+    wait_for(lambda: metric(upstream.base, "vlchat_requests_running") == 0, 10, "the upstream to be idle")
+
+
+# -- the page through the front -------------------------------------------------------------------
+
+
+def page_send(page, text: str, image=None) -> None:
+    if image is not None:
+        page.set_input_files("#input input[type=file]", str(image))
+        page.locator("#input .thumbnails img").first.wait_for(timeout=10_000)
+    page.locator("#input textarea").fill(text)
+    page.locator("#input textarea").press("Enter")
+
+
+def wait_answers(page, count: int) -> None:
+    page.wait_for_function(f"() => document.querySelectorAll('#chat .bot-row').length >= {count}", timeout=30_000)
+    wait_for(lambda: "Answering" not in page.locator("#status").inner_text() and page.locator(
+        "#chat .bot-row").last.inner_text().strip(), 60, "the answer to finish")
+
+
+def stored_answers(srv: Server) -> list[dict]:
+    db = sqlite3.connect(srv.data_dir / "vlchat.db")
+    try:
+        rows = db.execute("SELECT status, usage FROM messages WHERE role = 'assistant' ORDER BY id").fetchall()
+    finally:
+        db.close()
+    return [{"status": s, "usage": json.loads(u) if u else {}} for s, u in rows]
+
+
+def test_page_chat_stop_and_an_upstream_that_dies_and_comes_back(front, upstream, browser, tmp_path):
+    photo = tmp_path / "fractal.png"
+    photo.write_bytes(png(288))
+    encoded = metric(upstream.base, "vlchat_images_encoded_total")
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    try:
+        page.goto(front.base + "/")
+        page_send(page, "Describe this picture.", photo)
+        wait_answers(page, 1)
+        page_send(page, "Tell me more.")
+        wait_answers(page, 2)
+        answers = stored_answers(front)[-2:]
+        assert [a["status"] for a in answers] == ["complete", "complete"]
+        assert answers[1]["usage"]["cached_tokens"] > 0 and answers[1]["usage"]["prompt_tokens"] > 0
+        assert metric(upstream.base, "vlchat_images_encoded_total") - encoded == 1
+
+        # Stop: the upstream request is cancelled (its own metrics say so), what came is kept.
+        cancelled = metric(upstream.base, CANCELLED)
+        page.locator("#settings button, #settings .label-wrap").first.click()
+        field = page.locator("#max-new-tokens input[type=number]")
+        field.fill("4000")
+        field.press("Enter")
+        page_send(page, "Write forever.")
+        page.wait_for_function("() => { const b = document.querySelectorAll('#chat .bot-row');"
+                               " return b.length >= 3 && b[b.length-1].innerText.length > 40; }", timeout=30_000)
+        page.locator("#stop").click()
+        page.locator("#chat").get_by_text("Stopped.").first.wait_for(timeout=15_000)
+        wait_for(lambda: metric(upstream.base, CANCELLED) > cancelled, 10, "the upstream to count the Stop")
+        wait_for(lambda: stored_answers(front)[-1]["status"] == "stopped", 10, "the stopped answer to be saved")
+
+        # The model server dies: the page says so and turns the box off; the API answers 503.
+        upstream.proc.kill()
+        upstream.proc.wait(10)
+        page.locator("#status").get_by_text("not reachable").wait_for(timeout=15_000)
+        assert page.locator("#input textarea").is_disabled()
+        with pytest.raises(openai.APIStatusError) as refused:
+            client(front).chat.completions.create(model="vlchat", messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=5)
+        assert refused.value.status_code == 503 and "not reachable" in refused.value.message
+        assert refused.value.response.headers.get("retry-after")
+        down = httpx.get(front.base + "/health")
+        assert down.status_code == 503 and down.json()["upstreams"][0]["up"] is False
+
+        # It comes back: the page turns on by itself and answers; the front was never restarted.
+        upstream.start()
+        wait_for(lambda: page.locator("#input textarea").is_enabled(), 20, "the box to turn on again")
+        wait_for(lambda: "not reachable" not in page.locator("#status").inner_text(), 10, "the line to clear")
+        page_send(page, "Are you back?")
+        wait_answers(page, 4)
+        assert stored_answers(front)[-1]["status"] == "complete"
+        assert httpx.get(front.base + "/health").status_code == 200
+    finally:
+        context.close()
+
+
+# -- what vLLM would receive --------------------------------------------------------------------------
+
+
+def all_requests(fakes) -> list[dict]:
+    """Every request the fakes received, oldest first."""
+    return sorted((r for f in fakes for r in f.requests), key=lambda r: r["at"])
+
+
+def test_what_a_vllm_upstream_receives(fake_front, fakes):
+    data = png()
+    api = client(fake_front, KEY1)
+    messages = [image_message("What is this?", data)]
+    before = len(all_requests(fakes))
+    first = api.chat.completions.create(model="vlchat", messages=messages, max_tokens=7, temperature=0.1)
+    assert first.choices[0].message.content.startswith("answer from ")
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    sent = all_requests(fakes)[before:]
+    assert len(sent) == 1
+    headers, body = sent[0]["headers"], sent[0]["body"]
+    assert headers["authorization"] == "Bearer upstream-key"  # --engine-key, never the client's key
+    assert re.fullmatch(r"[0-9a-f]{32}", headers["x-session-id"])
+    assert body["model"] == "fake-vl" and body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    assert body["max_tokens"] == 7 and body["temperature"] == 0.1
+    image = body["messages"][0]["content"][0]
+    assert image["type"] == "image_url"
+    header, payload = image["image_url"]["url"].split(",", 1)
+    assert header == "data:image/png;base64"
+    assert image["uuid"] == hashlib.sha256(base64.b64decode(payload)).hexdigest()  # the stored clean bytes' id
+    salt = body["cache_salt"]
+    assert re.fullmatch(r"[0-9a-f]{64}", salt)
+    owner = hashlib.sha256(KEY1.encode()).hexdigest()
+    assert KEY1 not in json.dumps(body) and owner[:16] not in json.dumps(body) and salt != owner
+
+    # Turn 2 of the same conversation: same session id and salt; the fake's cached tokens come through.
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "More."}]
+    second = api.chat.completions.create(model="vlchat", messages=messages, max_tokens=7)
+    assert second.usage.prompt_tokens_details.cached_tokens == 32 and second.usage.prompt_tokens == 50
+    again = all_requests(fakes)[-1]
+    assert again["headers"]["x-session-id"] == headers["x-session-id"] and again["body"]["cache_salt"] == salt
+    assert again["body"]["messages"][0]["content"][0]["uuid"] == image["uuid"]
+
+    # Another API key is another owner: another salt, another session id for the same text.
+    client(fake_front, KEY2).chat.completions.create(model="vlchat", messages=messages[:1], max_tokens=7)
+    other = all_requests(fakes)[-1]
+    assert other["body"]["cache_salt"] != salt and other["headers"]["x-session-id"] != headers["x-session-id"]
+
+
+def set_mode(fakes, mode, body: dict | None = None) -> None:
+    for fake in fakes:
+        fake.mode, fake.error_body = mode, body or {}
+
+
+def test_upstream_errors_map_to_the_envelope(fake_front, fakes):
+    api = client(fake_front, KEY1)
+    ask = {"model": "vlchat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    try:
+        set_mode(fakes, 400, {"object": "error", "message": "This image is not allowed here.", "code": 400})
+        with pytest.raises(openai.BadRequestError) as bad:
+            api.chat.completions.create(**ask)
+        assert bad.value.status_code == 400 and "This image is not allowed here." in bad.value.message
+
+        set_mode(fakes, 400, {"error": {"message": "This model's maximum context length is 4096 tokens.",
+                                        "code": 400}})
+        with pytest.raises(openai.BadRequestError) as long:
+            api.chat.completions.create(**ask)
+        assert long.value.code == "context_length_exceeded"
+
+        set_mode(fakes, 500, {"error": {"message": "CUDA out of memory at 0x7f..."}})
+        with pytest.raises(openai.InternalServerError) as down:
+            api.chat.completions.create(**ask)
+        assert down.value.status_code == 503 and "not reachable" in down.value.message
+        assert down.value.response.headers["retry-after"] and "CUDA" not in down.value.message
+
+        # No first token within --engine-first-token-seconds (3): 503, and the upstream request is closed.
+        set_mode(fakes, "silent")
+        for fake in fakes:
+            fake.disconnected.clear()
+        started = time.monotonic()
+        with pytest.raises(openai.InternalServerError) as slow:
+            api.chat.completions.create(**ask)
+        assert slow.value.status_code == 503 and slow.value.code == "upstream_timeout"
+        assert 2.5 < time.monotonic() - started < 10
+        wait_for(lambda: any(f.disconnected.is_set() for f in fakes), 5, "the upstream to see the stream closed")
+    finally:
+        set_mode(fakes, "ok")
+
+
+def test_conversations_stay_on_their_upstream_and_move_when_it_dies(fake_front, fakes):
+    api = client(fake_front, KEY1)
+    alpha, beta = fakes
+
+    def turn(n: int, text: str) -> str:
+        """One turn of conversation n; which fake answered it."""
+        messages = [{"role": "user", "content": f"Conversation {n} begins here."}]
+        if text:
+            messages += [{"role": "assistant", "content": "answer"}, {"role": "user", "content": text}]
+        reply = api.chat.completions.create(model="vlchat", messages=messages, max_tokens=5)
+        return reply.choices[0].message.content.rsplit(" ", 1)[-1]
+
+    first = {n: turn(n, "") for n in range(12)}
+    assert set(first.values()) == {"alpha", "beta"}  # 12 conversations spread over both
+    assert all(turn(n, "Go on.") == first[n] for n in range(12))  # and each one stays where it began
+    on_alpha = [n for n in first if first[n] == "alpha"]
+
+    alpha.stop()
+    try:
+        # Alpha's conversations move to beta at once (the refused connection marks alpha down); beta's stay.
+        assert all(turn(n, "Still there?") == "beta" for n in first)
+        health = httpx.get(fake_front.base + "/health").json()
+        assert health["status"] == "ok"
+        assert [u["up"] for u in health["upstreams"]] == [False, True]
+    finally:
+        alpha.start()
+    wait_for(lambda: httpx.get(fake_front.base + "/health").json()["upstreams"][0]["up"], 10, "alpha to be up")
+    assert all(turn(n, "Back home?") == "alpha" for n in on_alpha)
