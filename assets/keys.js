@@ -185,6 +185,10 @@
 #shortcuts.vl-shortcuts-button { align-self: flex-start; width: auto; margin: 0.25rem 0; padding: 0.3rem 0.8rem;
   font: inherit; font-size: 0.9rem; border-radius: 6px; border: 1px solid #4b5563; cursor: pointer;
   background: var(--button-secondary-background-fill, #e5e7eb); color: var(--button-secondary-text-color, #111827); }
+html.vl-hc #shortcuts-dialog { background: #000000; color: #ffffff; border-color: #ffffff; }
+html.vl-hc #shortcuts-dialog :is(th, td) { border-color: #ffffff; }
+html.vl-hc #shortcuts-dialog button { background: #000000; color: #ffff00; border: 2px solid #ffff00; }
+html.vl-hc #shortcuts-dialog :focus-visible { outline-color: #ffff00; }
 @media (forced-colors: active) {
   #shortcuts-dialog, #shortcuts-dialog button, #shortcuts.vl-shortcuts-button { border: 1px solid CanvasText; }
   #shortcuts-dialog :focus-visible { outline: 3px solid Highlight; }

@@ -171,13 +171,23 @@ def test_shortcuts_dialog_opens_closes_and_passes_axe(browser, server):
         context.close()
 
 
-def test_shortcuts_dialog_dark_mode_axe(browser, server):
+def test_shortcuts_dialog_dark_mode_and_high_contrast_axe(browser, server):
     context, page = open_page(browser, server, dark=True)
     try:
+        dialog = page.get_by_role("dialog", name="Keyboard shortcuts")
         page.keyboard.press("Alt+Shift+H")
-        expect(page.get_by_role("dialog", name="Keyboard shortcuts")).to_be_visible()
+        expect(dialog).to_be_visible()
         assert_clean(page, "in dark mode with the keyboard shortcuts dialog open")
         assert page.evaluate(RING) == "solid 3px"
+        page.keyboard.press("Escape")
+        # The page's high-contrast theme (prefs.js), switched on from the keyboard.
+        page.locator("#high-contrast").focus()
+        page.keyboard.press("Space")
+        page.wait_for_function("() => document.documentElement.classList.contains('vl-hc')")
+        page.keyboard.press("?")
+        expect(dialog).to_be_visible()
+        assert_clean(page, "in high contrast with the keyboard shortcuts dialog open")
+        assert page.evaluate("() => getComputedStyle(document.activeElement).outlineColor") == "rgb(255, 255, 0)"
     finally:
         context.close()
 
