@@ -9,6 +9,28 @@
   // Radio groups are <fieldset>s without a <legend>: name them by their visible label.
   const GROUPS = { mode: "Mode", detail: "Image detail", "conversation-list": "Conversations" };
 
+  // The answer that follows a user's message row (null when there is none yet).
+  const answerAfter = (row) => {
+    for (let next = row.nextElementSibling; next; next = next.nextElementSibling) {
+      if (next.classList.contains("user-row")) return null;
+      if (next.classList.contains("bot-row")) return next;
+    }
+    return null;
+  };
+  // An answer's first finished sentence (at most 150 characters), without the note under it.
+  const firstSentence = (row) => {
+    const content = row && row.querySelector(".message-content");
+    if (!content) return "";
+    let text = "";
+    content.querySelectorAll("p, li, h1, h2, h3, h4, pre").forEach((block) => {
+      if (!block.classList.contains("answer-note")) text += `${block.textContent} `;
+    });
+    const match = /^\s*(.+?[.!?])(?=\s)/s.exec(text.replace(/\s+/g, " "));
+    if (!match) return "";
+    const sentence = match[1].trim();
+    return sentence.length > 150 ? `${sentence.slice(0, 149)}…` : sentence;
+  };
+
   const fix = () => {
     document.documentElement.lang || set(document.documentElement, "lang", "en");
     // The history sidebar is the conversations navigation (Gradio puts it inside its <main>).
@@ -31,17 +53,30 @@
       set(acc, "aria-expanded", String(open));
     }
     // Images in the chat: Gradio drops the message's alt_text (the img gets alt=""), and wraps each one in
-    // an unnamed button that opens it larger. Each gets "Attached image N" (N within its message, as
-    // chat/render.py stores it) and its button says what it does.
-    document.querySelectorAll("#chat .message-row, #chat [data-testid='user'], #chat [data-testid='bot']")
-      .forEach((row) => {
-        row.querySelectorAll(".image-container img, img.svelte-1jk6tax, .image-frame img").forEach((img, i) => {
-          const label = img.getAttribute("alt") || `Attached image ${i + 1}`;
-          if (!img.getAttribute("alt")) set(img, "alt", label);
-          const button = img.closest("button");
-          if (button && !button.getAttribute("aria-label")) set(button, "aria-label", `${label}: open larger`);
-        });
+    // an unnamed button that opens it larger. Each image's text alternative is its file name (chat/render.py
+    // lists the names under the images as .vl-file) and, once the answer has one, the answer's first
+    // sentence: "street.jpg: A crossing with a green light." Without a name: "Attached image N".
+    document.querySelectorAll("#chat .message-row.user-row").forEach((row) => {
+      const names = Array.from(row.querySelectorAll(".vl-file")).map((n) => n.textContent.trim());
+      const first = firstSentence(answerAfter(row));
+      row.querySelectorAll(".image-container img, img.svelte-1jk6tax, .image-frame img").forEach((img, i) => {
+        const name = names[i] || `Attached image ${i + 1}`;
+        const alt = first ? `${name}: ${first}` : name;
+        set(img, "alt", alt);
+        const button = img.closest("button");
+        if (button) set(button, "aria-label", `${alt} (open larger)`);
+        // The image's message is named "a component of type image" by Gradio: name it by the image.
+        const message = img.closest("[data-testid='user']");
+        if (message) set(message, "aria-label", `user's message: image ${alt}`);
       });
+    });
+    // The message box's attachment thumbnails are list items with no list around them (and their container
+    // holds the upload button too, so it cannot be the list): each becomes a named group instead.
+    document.querySelectorAll("#input [role='listitem']").forEach((item, i) => {
+      if (item.closest("[role='list']")) return;
+      set(item, "role", "group");
+      set(item, "aria-label", `Attached image ${i + 1}, not sent yet`);
+    });
     // Any other image in the chat still without a text alternative.
     document.querySelectorAll("#chat img:not([alt]), #chat img[alt='']").forEach((img) => set(img, "alt", "Image"));
   };

@@ -101,6 +101,7 @@ def chat_history(store: Store, rows: list[dict]) -> list[dict]:
     for row in rows:
         if row["role"] == "user":
             content: list[dict] = []
+            names = row.get("image_names") or []
             for n, sha in enumerate(row["image_ids"], 1):
                 try:
                     image = store.image_row(sha)
@@ -109,8 +110,12 @@ def chat_history(store: Store, rows: list[dict]) -> list[dict]:
                     continue
                 content.append({"type": "file", "file": {"path": path, "mime_type": image["mime"]},
                                 "alt_text": f"Attached image {n}"})
-            if row["text"]:
-                content.append(_text(message_html(row["text"])))
+            text = message_html(row["text"]) if row["text"] else ""
+            if names:  # the files' names, shown under the images; assets/a11y.js makes them the alt text
+                spans = ", ".join(f'<span class="vl-file">{html.escape(name)}</span>' for name in names)
+                text = f'<p class="vl-files">{spans}</p>\n{text}'.strip()
+            if text:
+                content.append(_text(text))
             out.append({"role": "user", "content": content})
         elif row["role"] == "assistant":
             usage = row.get("usage") or {}

@@ -38,7 +38,7 @@ ROLES = ("system", "user", "assistant")
 TITLE_MAX = 120
 IMAGE_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
-_MESSAGE_COLUMNS = "id, seq, role, text, image_ids, status, mode, settings, usage, created"
+_MESSAGE_COLUMNS = "id, seq, role, text, image_ids, image_names, status, mode, settings, usage, created"
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _BUSY_TIMEOUT_MS = 5000
 
@@ -82,6 +82,12 @@ def m001_initial(db: sqlite_utils.Database) -> None:
                      "mime": str, "path": str, "created": str}
     db.table("images").create(image_columns, pk="sha256",
                               not_null=set(image_columns) - {"sha256"})
+
+
+@_migration
+def m002_image_names(db: sqlite_utils.Database) -> None:
+    """The file name each attached image had (a JSON list beside image_ids; null before this)."""
+    db.table("messages").add_column("image_names", str)
 
 
 def migrate(db: sqlite_utils.Database) -> list[str]:
@@ -338,8 +344,8 @@ class Store:
     def add_message(self, owner: str, conv_id: str, *, role: str, text: str,
                     image_ids: Sequence[str] = (), status: str = "complete",
                     mode: str | None = None, settings: dict | None = None,
-                    usage: dict | None = None) -> int:
-        """Append a message to the owner's conversation and return its id."""
+                    usage: dict | None = None, image_names: Sequence[str] = ()) -> int:
+        """Append a message to the owner's conversation and return its id (`image_names`: the files' names)."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}")
         if status not in STATUSES:
@@ -351,6 +357,7 @@ class Store:
         image_ids = [_valid_sha(sha) for sha in image_ids]
         row = {"conversation_id": conv_id, "role": role, "text": text,
                "image_ids": json.dumps(image_ids), "status": status, "mode": mode,
+               "image_names": json.dumps([str(n)[:255] for n in image_names][:len(image_ids)]),
                "settings": _dumps(settings), "usage": _dumps(usage)}
         with self._lock, self.db.atomic():
             self._conversation(owner, conv_id)
@@ -389,7 +396,7 @@ class Store:
             self._conversation(owner, conv_id)
             rows = self.db.table("messages").rows_where(
                 "conversation_id = ?", [conv_id], select=_MESSAGE_COLUMNS, order_by="seq")
-            return [_decoded(row, "image_ids", "settings", "usage") for row in rows]
+            return [_decoded(row, "image_ids", "image_names", "settings", "usage") for row in rows]
 
     def delete_message(self, owner: str, message_id: int) -> None:
         """Delete one of the owner's messages."""

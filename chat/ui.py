@@ -301,6 +301,7 @@ def send(ctx: Ctx, conv_id, box, mode, temperature, top_p, max_new_tokens, syste
         raise Notice(f"This conversation would hold {held + len(files)} images; the limit is "
                      f"{ctx.settings.max_images_per_conversation}. Start a new chat.")
     images = clean_files(files, ctx.settings)
+    names = [name_of(f) for f in files]
     m = mode_for(mode)
     asked = text or m.describe_prompt  # images and no text: the mode's describe prompt (paste + Enter)
     settings = _turn_settings(temperature, top_p, max_new_tokens, system, detail)
@@ -314,7 +315,7 @@ def send(ctx: Ctx, conv_id, box, mode, temperature, top_p, max_new_tokens, syste
         if not conv_id:
             conv_id = ctx.store.create_conversation(owner, title=title_from(asked), mode=m.key, settings=settings)
         question_id = ctx.store.add_message(owner, conv_id, role="user", text=asked, image_ids=ids, mode=m.key,
-                                            settings=settings)
+                                            settings=settings, image_names=names)
         answer_id = ctx.store.add_message(owner, conv_id, role="assistant", text="", status="pending", mode=m.key,
                                           settings=settings)
     except NotFound:
@@ -322,7 +323,6 @@ def send(ctx: Ctx, conv_id, box, mode, temperature, top_p, max_new_tokens, syste
         raise Notice("That conversation no longer exists; start a new chat.") from None
     discard_originals(files)
     turn.attach(conv_id, answer_id, question_id, ids, handle)
-    names = [name_of(f) for f in files]
     history = chat_history(ctx.store, ctx.store.messages(owner, conv_id)[:-1])
     first = (conv_id, {"text": "", "files": []}, gr.update(choices=conversation_choices(ctx, owner), value=conv_id),
              ctx.store.get_conversation(owner, conv_id)["title"])

@@ -9,6 +9,7 @@ colours.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,17 @@ def test_axe_after_two_turns_with_image_and_settings_open(browser, server, photo
         context.close()
 
 
+def test_axe_with_an_image_waiting_to_be_sent(browser, server, photo):
+    context, page = open_page(browser, server)
+    try:
+        page.set_input_files("#input input[type=file]", str(photo))
+        page.locator("#input .thumbnails img").first.wait_for(timeout=10_000)
+        page.get_by_role("group", name="Attached image 1, not sent yet").wait_for(timeout=5_000)
+        assert_clean(page, "with an image attached, not yet sent")
+    finally:
+        context.close()
+
+
 def test_axe_dark_mode(browser, server, photo):
     context, page = open_page(browser, server, dark=True)
     try:
@@ -127,6 +139,18 @@ def test_axe_forced_colors(browser, server, photo):
         context.close()
 
 
+def expected_alt(page, name: str) -> str:
+    """An attached image's text alternative: its file name, then the first sentence of the answer about it."""
+    text = page.evaluate("""() => Array.from(document.querySelectorAll('#chat .bot-row .message-content')[0]
+        .querySelectorAll('p, li, h1, h2, h3, h4, pre')).filter(b => !b.classList.contains('answer-note'))
+        .map(b => b.textContent + ' ').join('')""")
+    match = re.match(r"\s*(.+?[.!?])(?=\s)", re.sub(r"\s+", " ", text), re.S)
+    if not match:
+        return name
+    sentence = match.group(1).strip()
+    return f"{name}: {sentence if len(sentence) <= 150 else sentence[:149] + '…'}"
+
+
 def test_structure_names_and_focus(browser, server, photo):
     """What axe does not require but people need: h1, landmarks, language, named groups, image alt, focus ring."""
     context, page = open_page(browser, server)
@@ -141,8 +165,9 @@ def test_structure_names_and_focus(browser, server, photo):
         page.locator("#chat .bot-row").first.wait_for(timeout=30_000)
         wait_idle(page)
         page.wait_for_function("() => { const i = document.querySelector('#chat img'); return i && i.alt; }")
-        assert page.evaluate("() => Array.from(document.querySelectorAll('#chat img')).map(i => i.alt)")[0] \
-            == "Attached image 1"
+        alt = expected_alt(page, "fractal.png")
+        page.wait_for_function("(alt) => document.querySelector('#chat img').alt === alt", arg=alt)
+        assert page.get_by_role("button", name=f"{alt} (open larger)").count() == 1
         unnamed = page.evaluate(
             """() => Array.from(document.querySelectorAll('button')).filter(b =>
                  !(b.getAttribute('aria-label') || b.innerText.trim() ||
@@ -152,9 +177,8 @@ def test_structure_names_and_focus(browser, server, photo):
         page.reload()
         page.locator("#conversation-list label", has_text="What is in this picture?").click()
         page.locator("#chat img").first.wait_for(timeout=20_000)
-        page.wait_for_function("() => { const i = document.querySelector('#chat img'); return i && i.alt; }")
-        assert page.locator("#chat img").first.get_attribute("alt") == "Attached image 1"
-        assert page.get_by_role("button", name="Attached image 1: open larger").count() == 1
+        page.wait_for_function("(alt) => document.querySelector('#chat img').alt === alt", arg=alt)
+        assert page.get_by_role("button", name=f"{alt} (open larger)").count() == 1
         # Keyboard focus is drawn on every control Tab reaches: a 3px outline on it (on its label for a radio).
         page.locator("#new-chat").focus()
         seen, unringed = set(), []

@@ -25,7 +25,7 @@ def image_files(data_dir):
 
 def test_migrations_on_blank_database(tmp_path):
     store = Store(tmp_path / "data")
-    assert store.applied_migrations() == ["m001_initial"]
+    assert store.applied_migrations() == ["m001_initial", "m002_image_names"]
     assert set(store.db.table_names()) >= {"_migrations", "conversations", "messages", "images"}
     assert (tmp_path / "data" / "images").is_dir()
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -43,8 +43,8 @@ def test_reopen_applies_nothing_and_keeps_data(tmp_path):
 
     again = Store(tmp_path)
     rows = list(again.db.query("SELECT name FROM _migrations"))
-    assert [r["name"] for r in rows] == ["m001_initial"]
-    assert again.applied_migrations() == ["m001_initial"]
+    assert [r["name"] for r in rows] == ["m001_initial", "m002_image_names"]
+    assert again.applied_migrations() == ["m001_initial", "m002_image_names"]
     assert again.get_conversation("alice", conv)["title"] == "kept"
     assert [m["text"] for m in again.messages("alice", conv)] == ["hello"]
     again.close()
@@ -77,7 +77,7 @@ def test_round_trip_with_two_images(store):
     assert msgs[2]["id"] == reply
     assert msgs[2]["status"] == "complete" and msgs[2]["text"] == "one is a cat"
     assert msgs[2]["usage"] == {"prompt_tokens": 900, "completion_tokens": 4}
-    assert set(msgs[0]) == {"id", "seq", "role", "text", "image_ids", "status", "mode",
+    assert set(msgs[0]) == {"id", "seq", "role", "text", "image_ids", "image_names", "status", "mode",
                             "settings", "usage", "created"}
     assert store.image_bytes(b) == JPEG
     assert store.image_path(b).name == f"{b}.jpg"
@@ -292,3 +292,47 @@ def test_delete_unused_images_keeps_referenced_ones(store, tmp_path):
     store.delete_conversation("alice", conv)
     assert store.delete_unused_images([used]) == [used]
     assert image_files(tmp_path) == [] and store.delete_unused_images([used]) == []
+
+
+def test_image_names_kept_and_old_databases_upgraded(tmp_path):
+    """Each attached image's file name is kept beside its id (for its text alternative); a database made
+    before the column existed gets it on opening, its old rows reading as no names."""
+    data = tmp_path / "old"
+    data.mkdir()
+    db = sqlite3.connect(data / "vlchat.db")
+    db.executescript("""
+        CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied_at TEXT);
+        INSERT INTO _migrations VALUES ('m001_initial', '2026-01-01');
+        CREATE TABLE conversations (id TEXT PRIMARY KEY, owner TEXT NOT NULL, title TEXT NOT NULL,
+            mode TEXT NOT NULL, settings TEXT NOT NULL, created TEXT NOT NULL, updated TEXT NOT NULL);
+        CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, conversation_id TEXT NOT NULL,
+            seq INTEGER NOT NULL, role TEXT NOT NULL, text TEXT NOT NULL, image_ids TEXT NOT NULL,
+            status TEXT NOT NULL, mode TEXT, settings TEXT, usage TEXT, created TEXT NOT NULL);
+        CREATE TABLE images (sha256 TEXT PRIMARY KEY, bytes INTEGER NOT NULL, width INTEGER NOT NULL,
+            height INTEGER NOT NULL, mime TEXT NOT NULL, path TEXT NOT NULL, created TEXT NOT NULL);
+        INSERT INTO conversations VALUES ('c1', 'alice', 'old', 'general', '{}', '2026-01-01', '2026-01-01');
+        INSERT INTO messages (conversation_id, seq, role, text, image_ids, status, created)
+            VALUES ('c1', 0, 'user', 'before', '[]', 'complete', '2026-01-01');
+    """)
+    db.commit()
+    db.close()
+    store = Store(data)
+    assert store.applied_migrations()[-1] == "m002_image_names"
+    assert store.messages("alice", "c1")[0]["image_names"] is None
+    sha = store.put_image(PNG, mime="image/png", width=10, height=20)
+    store.add_message("alice", "c1", role="user", text="now", image_ids=[sha], image_names=["street.png"])
+    assert store.messages("alice", "c1")[-1]["image_names"] == ["street.png"]
+    store.close()
+
+
+def test_image_names_are_shown_as_text(store):
+    from chat.render import chat_history
+
+    sha = store.put_image(PNG, mime="image/png", width=10, height=20)
+    conv = store.create_conversation("alice", title="t")
+    store.add_message("alice", conv, role="user", text="what is it?", image_ids=[sha],
+                      image_names=["<img src=x onerror=alert(1)>.png"])
+    user = chat_history(store, store.messages("alice", conv))[0]
+    text = [part for part in user["content"] if part["type"] == "text"][0]["text"]
+    assert '<span class="vl-file">&lt;img src=x onerror=alert(1)&gt;.png</span>' in text
+    assert "<img" not in text
