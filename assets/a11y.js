@@ -44,6 +44,8 @@
       if (!group) continue;
       set(group, "role", "radiogroup");
       set(group, "aria-label", name);
+      // Gradio names each radio differently, so the arrow keys cannot move between them: one name a group.
+      group.querySelectorAll("input[type=radio]").forEach((input) => set(input, "name", `vl-${id}`));
     }
     // The Settings accordion's button says whether it is open.
     const acc = document.querySelector("#settings > .label-wrap, #settings button.label-wrap");
@@ -94,7 +96,7 @@
     const root = document.querySelector("gradio-app") || document.body;
     if (!root) return setTimeout(start, 200);
     new MutationObserver(schedule).observe(root, { subtree: true, childList: true, attributes: true,
-      attributeFilter: ["alt", "style", "class"] });
+      attributeFilter: ["alt", "style", "class", "name"] });
     fix();
   };
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);

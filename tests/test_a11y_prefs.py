@@ -112,3 +112,22 @@ def test_reflow_without_sideways_scrolling(server, browser, width):
             assert box["x"] >= 0 and box["x"] + box["width"] <= width + 0.5, (selector, box)
     finally:
         ctx.close()
+
+
+def test_radio_groups_move_with_the_arrow_keys(server, context):
+    """Mode and Image detail are radio groups: Tab reaches the chosen option, the arrow keys choose another
+    (and the page acts on it: the mode's defaults load into Settings)."""
+    page = context.new_page()
+    page.goto(server.base + "/")
+    wait_ready(page)
+    page.locator("#mode input:checked").focus()
+    page.keyboard.press("ArrowRight")
+    page.wait_for_function("() => document.querySelector('#mode input[value=troubleshoot]').checked", timeout=5_000)
+    open_settings(page)
+    page.wait_for_function("() => document.querySelector('#temperature input[type=number]').value === '0.2'",
+                           timeout=10_000)
+    page.locator("#detail input:checked").focus()
+    page.keyboard.press("ArrowLeft")
+    page.wait_for_function("() => document.querySelector('#detail input[value=low]').checked", timeout=5_000)
+    names = page.evaluate("() => Array.from(document.querySelectorAll('#mode input, #detail input')).map(i => i.name)")
+    assert set(names) == {"vl-mode", "vl-detail"}, names
