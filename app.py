@@ -71,6 +71,7 @@ def health_body(ctx) -> tuple[dict, int]:
         body["error"] = status.error
     if upstreams is not None:  # --engine-url: each model server's state
         body["upstreams"] = upstreams()
+        body["phase"] = "ready" if state == "ok" else "unreachable"
         if state == "unavailable":
             body["error"] = ctx.engine.state_line()
     return body, 200 if state == "ok" else 503

@@ -348,3 +348,47 @@ def test_conversations_stay_on_their_upstream_and_move_when_it_dies(fake_front, 
         alpha.start()
     wait_for(lambda: httpx.get(fake_front.base + "/health").json()["upstreams"][0]["up"], 10, "alpha to be up")
     assert all(turn(n, "Back home?") == "alpha" for n in on_alpha)
+
+
+# -- settings, recipes ----------------------------------------------------------------------------
+
+
+def test_engine_settings_are_checked(tmp_path):
+    from chat.config import SettingsError, load_settings
+
+    ok = load_settings(["--engine-url", "http://a:8000/v1/, https://b/v1"], {"VLCHAT_ENGINE_KEY": "s3cret"})
+    assert ok.engine_urls == ("http://a:8000/v1", "https://b/v1") and ok.engine_key == "s3cret"
+    assert load_settings([], {}).engine_urls == ()
+    for argv, named in ((["--engine-url", "gpu-box:8000"], "--engine-url"),
+                        (["--engine-url", "file:///etc/passwd"], "--engine-url"),
+                        (["--engine-session-header", "X Session"], "--engine-session-header"),
+                        (["--engine-first-token-seconds", "0"], "--engine-first-token-seconds")):
+        with pytest.raises(SettingsError, match=named):
+            load_settings(argv, {}, exit_on_error=False)
+    with pytest.raises(SettingsError) as bad_key:
+        load_settings(["--engine-key", "has space"], {}, exit_on_error=False)
+    assert "has space" not in str(bad_key.value)  # a key is never echoed
+
+
+def test_readme_recipes_and_the_compose_file_use_real_settings():
+    import shlex
+
+    import yaml
+
+    from chat.config import load_settings
+    from tests.servers import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Serving from other GPUs (remote engine)", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"python app\.py((?: [^\n\\]+|\\\n)*)", section.replace("\\\n", " "))
+    fronts = [load_settings(shlex.split(c, comments=True), {}, exit_on_error=False) for c in commands]
+    assert len(fronts) >= 4 and sum(bool(f.engine_urls) for f in fronts) >= 3
+    assert max(len(f.engine_urls) for f in fronts) == 4  # the one-server-per-GPU recipe
+
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    env = compose["services"]["vlchat"]["environment"]
+    settings = load_settings([], {k: v for k, v in env.items() if "${" not in v}, exit_on_error=False)
+    (url,) = settings.engine_urls
+    assert url == "http://vllm:8000/v1" and "vllm" in compose["services"]
+    assert "--enable-prompt-tokens-details" in compose["services"]["vllm"]["command"]
+    assert "gpu" not in json.dumps(compose["services"]["vlchat"])  # the front needs no GPU

@@ -144,4 +144,4 @@ class Pool:
             return "Ready."
         if all(u.error == "not contacted yet" for u in self.upstreams):
             return "Connecting to the model server…"
-        return "The model server is not reachable; vlchat keeps trying and the box turns on by itself when it is back."
+        return "The model server is not reachable; vlchat keeps trying and answers again as soon as it is back."
