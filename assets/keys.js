@@ -3,8 +3,8 @@
 // Two kinds of keys, so that shortcuts fight neither screen readers nor typing:
 // - Alt+Shift+letter (Option+Shift on a Mac) works everywhere, the message box included. The letter is
 //   the one the key types (event.key), or, where Option turns it into another character (macOS), the
-//   key's place on the keyboard (event.code). NVDA and JAWS pass modified keys to the page in browse
-//   mode (their quick-navigation keys are single letters).
+//   key's place on the keyboard (event.code). In browse mode NVDA and JAWS keep single letters and the
+//   arrows for their own navigation, but pass Alt+Shift+letter (none of their default commands) to the page.
 // - Single keys ("?", "/", "j", "k", and the arrows on a message) only where focus is not in a text
 //   field, so typing them in the message box types them.
 // The "Keyboard shortcuts" button and "?" open a native <dialog> listing every shortcut (Escape closes it
@@ -112,7 +112,10 @@
     else say("Reading aloud is not available.");
   };
   const newChat = () => {
-    if (!click("#new-chat")) return;
+    if (!click("#new-chat")) {
+      say("New chat is not available.");
+      return;
+    }
     say("New chat.");
     const b = box();
     if (b && !b.disabled) b.focus();
@@ -234,7 +237,7 @@ html.vl-hc #shortcuts-dialog :focus-visible { outline-color: #ffff00; }
     const close = el("button", { type: "button", id: "shortcuts-close", textContent: "Close" });
     close.addEventListener("click", () => d.close());
     d.append(
-      el("h2", { id: "shortcuts-title", textContent: "Keyboard shortcuts" }),
+      el("h2", { id: "shortcuts-title", textContent: "Keyboard shortcuts", tabIndex: -1 }),
       el("p", {
         textContent:
           "Alt+Shift shortcuts work anywhere on the page, in the message box too (on a Mac: Option+Shift). " +
@@ -261,8 +264,10 @@ html.vl-hc #shortcuts-dialog :focus-visible { outline-color: #ffff00; }
     if (dialog.open) return;
     returnTo = document.activeElement && document.activeElement !== document.body ? document.activeElement : null;
     dialog.showModal();
-    const close = dialog.querySelector("#shortcuts-close");
-    if (close) close.focus();
+    // Focus on the title (a long list would scroll its start out of view if the Close button at its end
+    // took the focus); Tab goes on to Close.
+    dialog.querySelector("#shortcuts-title").focus();
+    dialog.scrollTop = 0;
   };
 
   // The "Keyboard shortcuts" button under the page's title.
