@@ -392,3 +392,26 @@ def test_readme_recipes_and_the_compose_file_use_real_settings():
     assert url == "http://vllm:8000/v1" and "vllm" in compose["services"]
     assert "--enable-prompt-tokens-details" in compose["services"]["vllm"]["command"]
     assert "gpu" not in json.dumps(compose["services"]["vlchat"])  # the front needs no GPU
+
+
+def test_sigterm_ends_open_answers_and_closes_their_upstream_streams(fake_front, fakes):
+    """Last in the module: it stops fake_front."""
+    set_mode(fakes, "slow")
+    for fake in fakes:
+        fake.disconnected.clear()
+    try:
+        body = {"model": "vlchat", "messages": [{"role": "user", "content": "Talk."}], "stream": True}
+        with httpx.stream("POST", fake_front.base + "/v1/chat/completions", json=body, timeout=30,
+                          headers={"Authorization": f"Bearer {KEY1}"}) as response:
+            lines = response.iter_lines()
+            for line in lines:
+                if '"la "' in line:
+                    break
+            fake_front.proc.terminate()
+            rest = [line for line in lines if line.startswith("data: ")]
+        errors = [json.loads(line[6:])["error"] for line in rest if line.startswith('data: {"error"')]
+        assert [e["code"] for e in errors] == ["shutting_down"] and rest[-1] == "data: [DONE]"
+        wait_for(lambda: any(f.disconnected.is_set() for f in fakes), 5, "the upstream stream to be closed")
+        assert fake_front.proc.wait(10) == 0
+    finally:
+        set_mode(fakes, "ok")

@@ -158,9 +158,9 @@ class RemoteEngine:
             self._waiting += 1
         self.metrics.waiting.set(self._waiting)
         handle = RemoteHandle(request, on_finish, release=self._release_waiting)
-        try:
-            body = request_body(request, self.pool.model, owner_salt(self._secret, request.cache_salt),
-                                self._load_image)
+        try:  # encoded here, in the caller's thread: images make bodies of megabytes, not for the loop to encode
+            body = json.dumps(request_body(request, self.pool.model, owner_salt(self._secret, request.cache_salt),
+                                           self._load_image)).encode("ascii")
         except Exception:  # an image of the conversation is gone from the store, say
             log.exception("could not build the request for the model server")
             self._end(handle, Failed("An image of this conversation could not be read; start a new chat.",
@@ -279,7 +279,7 @@ class RemoteEngine:
             headers[self._session_header] = key
         return headers
 
-    async def _run(self, handle: RemoteHandle, body: dict, key: str) -> None:
+    async def _run(self, handle: RemoteHandle, body: bytes, key: str) -> None:
         """One request: pick an upstream, stream from it (the next one if it cannot connect), finish."""
         import httpx
 
@@ -308,7 +308,7 @@ class RemoteEngine:
             self._end(handle, unreachable(progress.text, "The model server's answer could not be read; try again.",
                                           GenerationFailed.code))
 
-    async def _exchange(self, handle: RemoteHandle, upstream: Upstream, body: dict, key: str,
+    async def _exchange(self, handle: RemoteHandle, upstream: Upstream, body: bytes, key: str,
                         progress: _Progress) -> Done | Failed | None:
         """Stream one answer from `upstream` into the handle; the final event (None: cancelled while waiting)."""
         import httpx
@@ -317,7 +317,8 @@ class RemoteEngine:
         deadline = asyncio.timeout(self.first_token_seconds)
         try:
             async with deadline:
-                async with self._client.stream("POST", url, json=body, headers=self._headers(key)) as response:
+                headers = {**self._headers(key), "Content-Type": "application/json"}
+                async with self._client.stream("POST", url, content=body, headers=headers) as response:
                     if response.status_code >= 400:
                         raw = b""
                         async for piece in response.aiter_bytes():
