@@ -219,8 +219,20 @@ def test_page_chat_stop_and_an_upstream_that_dies_and_comes_back(front, upstream
         down = httpx.get(front.base + "/health")
         assert down.status_code == 503 and down.json()["upstreams"][0]["up"] is False
 
-        # It comes back: the page turns on by itself and answers; the front was never restarted.
-        upstream.start()
+        # It comes back: the page turns on by itself and answers; the front was never restarted. While
+        # the upstream still loads its model (its /v1/models already answers), the front does not say ok.
+        upstream.launch()
+        while True:
+            front_ok = httpx.get(front.base + "/health").status_code == 200
+            try:
+                upstream_ok = httpx.get(upstream.base + "/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                upstream_ok = False
+            assert upstream_ok or not front_ok, "the front served while its upstream was still loading"
+            if upstream_ok:
+                break
+            assert upstream.proc.poll() is None, upstream.log.read_text()[-3000:]
+            time.sleep(0.2)
         wait_for(lambda: page.locator("#input textarea").is_enabled(), 20, "the box to turn on again")
         wait_for(lambda: "not reachable" not in page.locator("#status").inner_text(), 10, "the line to clear")
         page_send(page, "Are you back?")

@@ -69,6 +69,7 @@ class RemoteHandle(Handle):
     """A Handle whose cancel() also ends the upstream request (its task, and so its HTTP stream)."""
 
     future = None  # the concurrent.futures.Future of the request's task
+    counted = False  # in vlchat_requests_total already
 
     def cancel(self, shutting_down: bool = False) -> None:
         """Finish at once if no token came yet, else when the stream is closed; either way the stream closes now."""
@@ -204,12 +205,17 @@ class RemoteEngine:
         """Finish the handle once (a cancel while waiting may have finished it already) and count it."""
         with self._lock:
             self._open.discard(handle)
-        if event is None:
-            return
         with handle._lock:
-            if handle._state == "finished":
+            if handle._state == "finished":  # cancelled while it waited for its first token: count it once
+                if not handle.counted and handle.result is not None:
+                    handle.counted = True
+                    r = handle.result
+                    self.metrics.requests.labels(r.finish_reason if isinstance(r, Done) else "error").inc()
+                return
+            if event is None:
                 return
             waited, handle._state = handle._state == "queued", "finished"
+            handle.counted = True
         if waited:
             handle._release()
         else:

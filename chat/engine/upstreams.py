@@ -1,8 +1,9 @@
 """The model servers a remote engine answers with: which are up, and which one serves a conversation.
 
-Each upstream is an OpenAI-compatible base URL (`http://gpu-box:8000/v1`). A probe (`GET {url}/models`)
-runs every few seconds on the remote engine's event loop and marks each one up or down; a request that
-cannot connect marks its upstream down at once, without waiting for the next probe.
+Each upstream is an OpenAI-compatible base URL (`http://gpu-box:8000/v1`). A probe (`GET {url}/models`,
+then `GET /health` beside `/v1` where the server has one) runs every few seconds on the remote engine's
+event loop and marks each one up or down; a request that cannot connect marks its upstream down at once,
+without waiting for the next probe.
 
 Affinity: a conversation goes to the upstream that rendezvous hashing (highest score of
 sha256(url, conversation key)) picks among those that are up. While that upstream is up, every turn of
@@ -136,7 +137,33 @@ class Pool:
             self.mark(upstream, False, f"it does not serve the model {self.wanted_model!r} (it has: "
                                        f"{', '.join(models) or 'none'})", models)
             return
-        self.mark(upstream, True, models=models)
+        not_ready = await self._not_ready(client, upstream)
+        self.mark(upstream, not not_ready, not_ready, models=models)
+
+    async def _not_ready(self, client, upstream: Upstream) -> str:
+        """Why a server that lists its models cannot answer yet ('' if it can).
+
+        vLLM, SGLang and vlchat answer `GET /health` beside `/v1` (vlchat lists its models while its
+        own model still loads, and says 503 there until it is ready). A server without that route
+        (404, or no /v1 in its URL) is taken at its word.
+        """
+        import httpx
+
+        if not upstream.url.endswith("/v1"):
+            return ""
+        try:
+            response = await client.get(upstream.url[:-3] + "/health", timeout=PROBE_TIMEOUT)
+        except httpx.HTTPError as exc:
+            return f"not reachable ({type(exc).__name__} on /health)"
+        if response.status_code < 500:
+            return ""
+        try:
+            phase = response.json().get("status", "")
+        except (ValueError, AttributeError):
+            phase = ""
+        if phase == "loading":
+            return "it is still loading its model"
+        return f"it is not ready (HTTP {response.status_code} on /health)"
 
     def describe(self) -> str:
         """One line for a person when no upstream is up."""
