@@ -38,6 +38,16 @@
     if (sidebar) {
       set(sidebar, "role", "navigation");
       set(sidebar, "aria-label", "Conversations");
+      // Gradio puts the sidebar inside its <main>: move it just before, so main holds the chat alone. It is
+      // drawn fixed at the side, so the move changes nothing on screen, only the landmarks. Its new holder
+      // has the class "contain", which Gradio's scoping puts before every rule of the page's own CSS.
+      const main = sidebar.closest("main");
+      if (main && main.parentElement) {
+        const holder = document.createElement("div");
+        holder.className = "contain vl-nav-holder";
+        main.parentElement.insertBefore(holder, main);
+        holder.appendChild(sidebar);
+      }
     }
     for (const [id, name] of Object.entries(GROUPS)) {
       const group = document.getElementById(id);

@@ -159,6 +159,9 @@ def test_structure_names_and_focus(browser, server, photo):
         assert page.locator("h1").inner_text().strip() == "vlchat"
         assert page.get_by_role("navigation", name="Conversations").count() == 1
         assert page.get_by_role("main").count() == 1
+        # The landmarks are apart: main holds the chat and the message box, the Conversations nav is outside it.
+        page.wait_for_function("() => !document.querySelector('main .sidebar')", timeout=5_000)
+        assert page.evaluate("() => !!document.querySelector('main #chat') && !!document.querySelector('main #input')")
         for name in ("Mode", "Image detail", "Conversations"):
             assert page.get_by_role("radiogroup", name=name).count() == 1, name
         send(page, "What is in this picture?", photo)
