@@ -120,6 +120,7 @@ def test_front_loads_no_model_and_reports_the_upstream(front, upstream):
 
 
 def test_api_two_turns_encode_the_image_once_and_pass_cached_tokens(front, upstream):
+    # The front sends each image with vLLM's `uuid`, which the upstream vlchat accepts (and ignores).
     encoded = metric(upstream.base, "vlchat_images_encoded_total")
     api = client(front)
     messages = [image_message("What is in this picture?", png())]
@@ -135,6 +136,21 @@ def test_api_two_turns_encode_the_image_once_and_pass_cached_tokens(front, upstr
     assert usage.prompt_tokens_details.cached_tokens > 0  # the upstream's prefix cache, passed through
     assert metric(upstream.base, "vlchat_images_encoded_total") - encoded == 1  # turn 2 reused its features
     assert metric(front.base, "vlchat_cached_prompt_tokens_total") >= usage.prompt_tokens_details.cached_tokens
+
+
+def test_owners_stay_apart_on_the_upstream(front):
+    """The front's per-owner cache_salt reaches the upstream: another owner's identical prompt finds nothing."""
+    api = client(front)
+    text = "Please list the planets of the solar system in order, with one fact about each. " * 4
+
+    def cached(salt: str) -> int:
+        reply = api.chat.completions.create(model="vlchat", messages=[{"role": "user", "content": text}],
+                                            max_tokens=2, extra_body={"cache_salt": salt})
+        return reply.usage.prompt_tokens_details.cached_tokens
+
+    assert cached("owner-a") == 0
+    assert cached("owner-a") > 0  # the same owner reuses its prefix upstream
+    assert cached("owner-b") == 0  # another owner (here: another client salt) does not
 
 
 def test_closing_an_api_stream_cancels_the_upstream_request(front, upstream):
