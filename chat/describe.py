@@ -39,9 +39,21 @@ def _keep_box(updates: Iterator[tuple]) -> Iterator[tuple]:
         yield out
 
 
+def _not_answering(ctx: ui.Ctx, request: gr.Request | None) -> None:
+    """Refuse while this page shows an answer still coming: two answers would draw into one chat.
+
+    (These buttons' events run even while the message box's is pending, so the refusal is said here.)
+    """
+    with ctx.lock:
+        busy = request is not None and ctx.active.get(request.session_hash) is not None
+    if busy:
+        raise Notice("An answer is still coming. Wait for it to finish, or press Stop, then try again.")
+
+
 def describe(ctx: ui.Ctx, conv_id, photo, mode, temperature, top_p, max_new_tokens, system, detail="auto",
              request: gr.Request = None) -> Iterator[tuple]:
     """'Describe a photo' / 'Take a photo': the photo sent at once with the mode's describe prompt."""
+    _not_answering(ctx, request)
     files = [f for f in (photo if isinstance(photo, list) else [photo]) if f]
     if not files:
         raise Notice("Choose a photo to describe.")
@@ -63,6 +75,7 @@ def question_for(mode: str | None, label: str | None) -> str | None:
 def follow_up(ctx: ui.Ctx, label, conv_id, mode, temperature, top_p, max_new_tokens, system, detail="auto",
               request: gr.Request = None) -> Iterator[tuple]:
     """A follow-up button: its question sent in the conversation on screen."""
+    _not_answering(ctx, request)
     question = question_for(mode, label)
     if question is None:
         raise Notice("That follow-up question is not available in this mode.")

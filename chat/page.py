@@ -180,11 +180,14 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
                   **PRIVATE}
         box.submit(bind(send, ctx, len(outputs)), [conv_id, box, *sampling, detail], [*outputs, *note],
                    concurrency_limit=None, **PRIVATE).then(**follow)
+        # "multiple": pressed while an answer is coming, they reach the server, which says why it waits
+        # (the browser would drop a second press of a pending event without a word).
         describe_btn.upload(bind(describe.describe, ctx, len(outputs)), [conv_id, describe_btn, *sampling, detail],
-                            [*outputs, *note], concurrency_limit=None, **PRIVATE).then(**follow)
+                            [*outputs, *note], concurrency_limit=None, trigger_mode="multiple", **PRIVATE
+                            ).then(**follow)
         for btn in follow_btns:
             btn.click(bind(describe.follow_up, ctx, len(outputs)), [btn, conv_id, *sampling, detail],
-                      [*outputs, *note], concurrency_limit=None, **PRIVATE).then(**follow)
+                      [*outputs, *note], concurrency_limit=None, trigger_mode="multiple", **PRIVATE).then(**follow)
         for source in (box, detail, max_new):
             source.change(bind(preview, ctx), preview_inputs, [attachments], queue=True, show_progress="hidden",
                           **PRIVATE)

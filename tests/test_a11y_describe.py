@@ -179,7 +179,12 @@ def test_describe_a_photo_with_the_keyboard_then_follow_up(camera_browser, serve
         button.focus()
         page.keyboard.press("Enter")
         page.wait_for_function("() => document.querySelectorAll('#chat .user-row').length >= 2", timeout=20_000)
+        # Another one while the answer is coming is refused in words (a notice, role=alert), not dropped.
+        group.get_by_role("button", name="More detail").focus()
+        page.keyboard.press("Enter")
+        page.locator("#notice-text").get_by_text("An answer is still coming").wait_for(timeout=10_000)
         wait_answered(page, 2)
+        assert len(user_texts(page)) == 2
         assert user_texts(page)[-1] == dict(MODES["general"].follow_ups)["Read any text"]
         said = announced(page)
         assert said.count("Answering…") == 2 and sum(a.startswith("Answer complete") for a in said) == 2, said

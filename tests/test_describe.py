@@ -59,7 +59,7 @@ def test_describe_sends_the_modes_prompt_at_once_and_stores_it(ctx, tmp_path, mo
     assert ctx.store.get_conversation(OWNER, conv_id)["mode"] == mode
     # On the page: the question shown is the prompt, under the photo; the title is the prompt too.
     history = updates[-1][1]
-    assert text_of(history[0]) == f"<p>{prompt}</p>"
+    assert text_of(history[0]).endswith(f"<p>{prompt}</p>")  # (after the file names, if shown)
     assert history[0]["content"][0]["file"]["path"].endswith(rows[0]["image_ids"][0] + ".png")
     assert updates[0][5] == title_from(prompt)
     # What is typed in the message box meanwhile stays there: no update of the box.
@@ -175,3 +175,22 @@ def test_scene_mode_answers_short_first():
     assert "two or three short sentences" in scene.system_prompt and "urgent" in scene.system_prompt
     assert scene.max_new_tokens < MODES["general"].max_new_tokens
     assert all(m.describe_prompt and m.follow_ups for m in MODES.values())
+
+
+def test_no_second_answer_while_one_is_coming(ctx, tmp_path):
+    """Describe or a follow-up pressed while this page shows an answer still coming is refused, nothing stored."""
+    conv_id = run_describe(ctx, None, png(tmp_path))[0][0]
+    req = Req(session="tab-busy")
+    gen = ui.send(ctx, conv_id, {"text": "go on", "files": []}, "scene", 0.0, 0.9, 4000, "", "auto", req)
+    next(gen), next(gen)  # streaming now
+    stored = len(ctx.store.messages(OWNER, conv_id))
+    with pytest.raises(Notice, match="still coming"):
+        run_describe(ctx, conv_id, png(tmp_path, "b.png", colour=(1, 2, 3)), req=req)
+    with pytest.raises(Notice, match="still coming"):
+        run_follow_up(ctx, "More detail", conv_id, req=req)
+    assert len(ctx.store.messages(OWNER, conv_id)) == stored
+    assert ctx.store.db.table("images").count == 1
+    ui.stop(ctx, req)
+    list(gen)
+    run_follow_up(ctx, "More detail", conv_id, req=req)  # once it has ended
+    assert ctx.store.messages(OWNER, conv_id)[-1]["status"] == "complete"
