@@ -213,6 +213,12 @@
     describe.insertAdjacentElement("afterend", button);
     return true;
   };
+  // Off while "Describe a photo" is (the model is still loading), like it.
+  const syncDisabled = () => {
+    const describe = document.getElementById(DESCRIBE);
+    const camera = document.getElementById("camera");
+    if (describe && camera && camera.disabled !== describe.disabled) camera.disabled = describe.disabled;
+  };
   // The follow-up questions under the chat are one named group.
   const nameGroups = () => {
     const row = document.getElementById("follow-ups");
@@ -228,11 +234,13 @@
       return;
     }
     nameGroups();
+    syncDisabled();
     // Gradio may re-render the row (or show the follow-ups later): put back what is missing.
     new MutationObserver(() => {
       place();
       nameGroups();
-    }).observe(root, { subtree: true, childList: true });
+      syncDisabled();
+    }).observe(root, { subtree: true, childList: true, attributes: true, attributeFilter: ["disabled"] });
   };
 
   window.vlchat = Object.assign(window.vlchat || {}, { describeFile, openCamera });

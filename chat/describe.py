@@ -39,6 +39,11 @@ def _keep_box(updates: Iterator[tuple]) -> Iterator[tuple]:
         yield out
 
 
+def ready(ctx: ui.Ctx):
+    """'Describe a photo' is on once the model serves, like the message box (camera.js follows it)."""
+    return gr.update(interactive=ctx.engine.ready.is_set())
+
+
 def _not_answering(ctx: ui.Ctx, request: gr.Request | None) -> None:
     """Refuse while this page shows an answer still coming: two answers would draw into one chat.
 

@@ -143,7 +143,8 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
             # Opens the file picker (on phones it offers the camera too) and sends the photo at once with the
             # mode's describe prompt. assets/camera.js adds "Take a photo" next to it.
             describe_btn = gr.UploadButton("Describe a photo", file_types=["image"], file_count="single",
-                                           type="filepath", elem_id="describe-photo", scale=0, min_width=220)
+                                           type="filepath", elem_id="describe-photo", scale=0, min_width=220,
+                                           interactive=ready)
         timer = gr.Timer(1.0, active=False)
         with gr.Row(equal_height=True):
             detail = gr.Radio([("Low", "low"), ("Auto", "auto"), ("High", "high")], value="auto",
@@ -172,8 +173,9 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
         sampling = [mode, temperature, top_p, max_new, system]
         preview_inputs = [conv_id, box, detail, max_new]
         demo.load(bind(on_load, ctx, 4), None, [conv_list, box, status, timer, *note], show_progress="hidden",
-                  **PRIVATE)
-        timer.tick(bind(loading_tick, ctx), None, [box, status, timer], show_progress="hidden", **PRIVATE)
+                  **PRIVATE).then(bind(describe.ready, ctx), None, [describe_btn], show_progress="hidden", **PRIVATE)
+        timer.tick(bind(loading_tick, ctx), None, [box, status, timer], show_progress="hidden", **PRIVATE
+                   ).then(bind(describe.ready, ctx), None, [describe_btn], show_progress="hidden", **PRIVATE)
         # The follow-up buttons follow what is on screen: after every event that changes it.
         follow = {"fn": bind(describe.follow_ups, ctx), "inputs": [conv_id, mode],
                   "outputs": [follow_row, *follow_btns], "show_progress": "hidden", "concurrency_limit": None,

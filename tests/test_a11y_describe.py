@@ -243,6 +243,12 @@ def test_take_a_photo_on_a_desktop(camera_browser, server):
         assert page.evaluate("() => document.querySelector('#camera-preview').videoWidth") > 0  # live preview
         assert dialog.get_by_role("heading", name="Take a photo").count() == 1
         assert_clean(page, "with the camera dialog open")
+        # Its two buttons are reached with Tab and show the focus ring.
+        for key, want in (("Tab", "camera-cancel"), ("Shift+Tab", "camera-take")):
+            page.keyboard.press(key)
+            assert focused(page) == want
+            assert page.evaluate("() => { const s = getComputedStyle(document.activeElement); "
+                                 "return s.outlineStyle + ' ' + s.outlineWidth; }") == "solid 3px"
 
         # Escape closes it, lets the camera go, and gives the focus back.
         page.keyboard.press("Escape")
@@ -266,6 +272,23 @@ def test_take_a_photo_on_a_desktop(camera_browser, server):
         said = announced(page)
         assert said.count("Answering…") == 1 and sum(a.startswith("Answer complete") for a in said) == 1, said
         page.get_by_role("group", name="Ask next").get_by_role("button", name="More detail").wait_for(timeout=10_000)
+    finally:
+        CHOOSERS.pop(page, None)
+        context.close()
+
+
+def test_camera_dialog_in_dark_mode(camera_browser, server):
+    context, page = open_page(camera_browser, server, color_scheme="dark")
+    try:
+        page.goto(server.base + "/?__theme=dark")
+        wait_ready(page)
+        page.locator("#camera").click()
+        page.wait_for_function("() => document.querySelector('#camera-message').textContent.startsWith('Camera ready')",
+                               timeout=15_000)
+        assert_clean(page, "in dark mode with the camera dialog open")
+        page.locator("#camera-cancel").click()
+        page.wait_for_function("() => !document.querySelector('#camera-dialog').open")
+        assert page.evaluate("() => window.__streams.every(s => s.getTracks().every(t => t.readyState === 'ended'))")
     finally:
         CHOOSERS.pop(page, None)
         context.close()

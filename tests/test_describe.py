@@ -194,3 +194,15 @@ def test_no_second_answer_while_one_is_coming(ctx, tmp_path):
     list(gen)
     run_follow_up(ctx, "More detail", conv_id, req=req)  # once it has ended
     assert ctx.store.messages(OWNER, conv_id)[-1]["status"] == "complete"
+
+
+def test_describe_is_off_until_the_model_serves(ctx):
+    ctx.engine.ready.clear()
+    try:
+        assert describe.ready(ctx)["interactive"] is False
+        built = page.build(ctx)
+        button = next(b for b in built.blocks.values() if getattr(b, "elem_id", None) == "describe-photo")
+        assert button.interactive is False
+    finally:
+        ctx.engine.ready.set()
+    assert describe.ready(ctx)["interactive"] is True
