@@ -144,7 +144,7 @@
     returnTo = active && active !== document.body ? active : document.getElementById("camera");
     ui.take.hidden = false;
     ui.cancel.textContent = "Cancel";
-    say("Starting the camera…");
+    say("Starting the camera… If the browser asks, allow it to use the camera.");
     ui.dialog.showModal();
     ui.take.focus();
     if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
