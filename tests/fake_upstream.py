@@ -4,7 +4,8 @@ It answers `GET /v1/models` and streamed `POST /v1/chat/completions` the way vLL
 content chunks, a finish chunk, a usage chunk with `prompt_tokens_details.cached_tokens`, then
 `data: [DONE]`), and keeps every request's headers and JSON body so a test can check what a real
 vLLM would have been sent. `mode` switches its behaviour: "ok", "slow" (streams until the client goes
-away, then counts the disconnect), "silent" (never sends a token) or an HTTP status to fail with.
+away, then counts the disconnect), "silent" (never sends a token), "tools" (answers with a parsed tool
+call in `delta.tool_calls`) or an HTTP status to fail with.
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ class FakeUpstream:
                             self._send(": waiting\n\n")
                             time.sleep(0.1)
                     self._chunk({"role": "assistant", "content": ""})
+                    if fake.mode == "tools":  # a parsed call, streamed in pieces as vLLM's tool parsers do
+                        self._chunk({"tool_calls": [{"index": 0, "id": "chatcmpl-tool-1", "type": "function",
+                                                     "function": {"name": "get_weather", "arguments": ""}}]})
+                        for piece in ('{"city": ', '"Paris"}'):
+                            self._chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+                        self._chunk({}, "tool_calls")
+                        self._send("data: [DONE]\n\n")
+                        return
                     if fake.mode == "slow":
                         for _ in range(6000):
                             self._chunk({"content": "la "})

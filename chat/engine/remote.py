@@ -42,6 +42,8 @@ from chat.engine.upstreams import PROBE_SECONDS, Pool, Upstream, public_url
 from chat.engine.wire import (
     UNREACHABLE,
     UNREACHABLE_CODE,
+    add_call_deltas,
+    calls_as_text,
     conversation_key,
     http_failure,
     owner_salt,
@@ -85,6 +87,7 @@ class _Progress:
         self.text, self.chunks, self.claimed = "", 0, False
         self.finish: str | None = None
         self.usage: dict | None = None
+        self.calls: dict[int, dict] = {}  # tool calls by index, as the stream builds them
         self.first_at = self.last_at = 0.0
 
 
@@ -358,6 +361,7 @@ class RemoteEngine:
                                 progress.chunks += 1
                                 progress.last_at = time.monotonic()
                                 handle._emit_text(text)
+                            add_call_deltas(progress.calls, (choice.get("delta") or {}).get("tool_calls"))
                             if choice.get("finish_reason"):
                                 progress.finish = choice["finish_reason"]
         except TimeoutError:
@@ -374,6 +378,11 @@ class RemoteEngine:
         if progress.finish is None:
             log.warning("model server %s ended a stream without a finish reason", public_url(upstream.url))
             return unreachable(progress.text)
+        if progress.calls:  # tool calls the server parsed: back to the text the API reads them from
+            blocks = ("\n" if progress.text else "") + calls_as_text(progress.calls)
+            if progress.claimed or self._claim(handle, progress):
+                progress.text += blocks
+                handle._emit_text(blocks)
         usage = usage_of(progress.usage, progress.chunks)
         if progress.chunks > 1 and progress.last_at > progress.first_at:
             span = progress.last_at - progress.first_at

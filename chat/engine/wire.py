@@ -85,13 +85,43 @@ def defuse(text: str) -> str:
     return text.replace("<|", "<\u200c|")
 
 
+def defuse_all(value):
+    """`defuse` on every string inside a JSON-like value (tool definitions, call arguments)."""
+    if isinstance(value, str):
+        return defuse(value)
+    if isinstance(value, list):
+        return [defuse_all(v) for v in value]
+    if isinstance(value, dict):
+        return {k: defuse_all(v) for k, v in value.items()}
+    return value
+
+
+def _with_calls(msg: dict, entry: dict, pending: list[str], made: list[str]) -> None:
+    """An assistant's earlier tool calls (with ids, which OpenAI servers require) and the id a tool's
+    result answers (the engine's messages keep neither: results pair with calls in order)."""
+    if msg.get("tool_calls"):
+        pending.clear()
+        calls = []
+        for call in msg["tool_calls"]:
+            call_id = call.get("id") or f"call_{len(made)}"
+            made.append(call_id)
+            pending.append(call_id)
+            calls.append({"id": call_id, "type": "function", "function": defuse_all(call.get("function", {}))})
+        entry["tool_calls"] = calls
+    if msg["role"] == "tool":
+        entry["tool_call_id"] = msg.get("tool_call_id") or (pending.pop(0) if pending else "call_0")
+
+
 def openai_messages(request: ChatRequest, load_image: Callable[[str], bytes]) -> list[dict]:
     """The engine's messages as OpenAI chat messages, images inline with their sha256 as `uuid`."""
-    out = []
+    out: list[dict] = []
+    pending: list[str] = []
+    made: list[str] = []
     for msg in request.messages:
         content = msg["content"]
         if isinstance(content, str):
             out.append({"role": msg["role"], "content": defuse(content)})
+            _with_calls(msg, out[-1], pending, made)
             continue
         parts = []
         for part in content:
@@ -124,7 +154,39 @@ def request_body(request: ChatRequest, model: str, salt: str, load_image: Callab
         body["seed"] = p.seed
     if p.stop:
         body["stop"] = list(p.stop)
+    tools = getattr(request, "tools", None)
+    if tools:  # the server's calls come back as `tool_calls` and are turned into Qwen's text blocks again
+        body["tools"] = defuse_all(tools)
+    if getattr(request, "continue_final", False):  # vLLM's names
+        body["continue_final_message"], body["add_generation_prompt"] = True, False
     return body
+
+
+def add_call_deltas(calls: dict[int, dict], deltas: object) -> None:
+    """Gather a stream's `tool_calls` pieces by index (the name first, the arguments in fragments)."""
+    for piece in deltas if isinstance(deltas, list) else ():
+        if not isinstance(piece, dict):
+            continue
+        call = calls.setdefault(piece.get("index", len(calls)), {"name": "", "arguments": ""})
+        function = piece.get("function") or {}
+        if isinstance(function.get("name"), str):
+            call["name"] += function["name"]
+        if isinstance(function.get("arguments"), str):
+            call["arguments"] += function["arguments"]
+
+
+def calls_as_text(calls: dict[int, dict]) -> str:
+    """The gathered calls as Qwen writes them, `<tool_call>{"name", "arguments"}</tool_call>`, which is what
+    the local engine's answer holds and what the API reads calls from."""
+    blocks = []
+    for _, call in sorted(calls.items()):
+        try:
+            arguments = json.loads(call["arguments"]) if call["arguments"].strip() else {}
+        except ValueError:
+            arguments = call["arguments"]
+        blocks.append("<tool_call>\n" + json.dumps({"name": call["name"], "arguments": arguments},
+                                                   ensure_ascii=False) + "\n</tool_call>")
+    return "\n".join(blocks)
 
 
 def usage_of(raw: dict | None, chunks: int) -> Usage:
