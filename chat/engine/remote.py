@@ -351,17 +351,18 @@ class RemoteEngine:
                         if chunk.get("usage"):
                             progress.usage = chunk["usage"]
                         for choice in chunk.get("choices") or []:
-                            text = (choice.get("delta") or {}).get("content")
+                            delta = choice.get("delta") or {}
+                            text, calls = delta.get("content"), delta.get("tool_calls")
+                            if text or calls:
+                                deadline.reschedule(None)  # it answers (tool calls count; they come as a whole)
                             if text:
-                                if not progress.claimed:
-                                    if not self._claim(handle, progress):
-                                        return None
-                                    deadline.reschedule(None)
+                                if not progress.claimed and not self._claim(handle, progress):
+                                    return None
                                 progress.text += text
                                 progress.chunks += 1
                                 progress.last_at = time.monotonic()
                                 handle._emit_text(text)
-                            add_call_deltas(progress.calls, (choice.get("delta") or {}).get("tool_calls"))
+                            add_call_deltas(progress.calls, calls)
                             if choice.get("finish_reason"):
                                 progress.finish = choice["finish_reason"]
         except TimeoutError:
