@@ -1,9 +1,12 @@
-"""OpenAI-compatible routes on the shared worker: /v1/chat/completions and /v1/models.
+"""OpenAI-compatible routes on the shared worker: /v1/chat/completions, /v1/responses and /v1/models.
 
 The same engine, limits and image intake as the page. Every failure under /v1 answers with one
 envelope, {"error": {"message", "type", "param", "code"}}, raised as `ApiError` and rendered in
-one place. Reading and checking a request is `chat/openai_parse.py`; this module is the routes,
-the owner of a request, and the responses.
+one place. Reading and checking a request is `chat/openai_parse.py` (with the pydantic models of
+`chat/api_models.py`); running it is `chat/api_run.py`; the Responses API's shapes are
+`chat/responses.py`; tool calls in answers are `chat/tools.py`. This module is the routes, the
+owner of a request (the key check comes before anything else, unknown routes included), and the
+chat completion shapes.
 
 Owners: reused KV state only ever serves the owner that built it (a shared prefix cache would
 let one client read another's text through `cached_tokens`). An API request's owner is its key,
@@ -27,23 +30,21 @@ import asyncio
 import hashlib
 import hmac
 import json
-import logging
 import time
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
-from starlette.requests import ClientDisconnect
+from fastapi.responses import JSONResponse, StreamingResponse
 
+from chat.api_run import Generation, clamp_headers, engine_error, failed_error, read_body, usage_of
 from chat.config import Settings
-from chat.engine.types import Busy, ContextTooLong, Delta, Done, EngineError, Failed, NotReady, ShuttingDown
+from chat.engine.types import Delta, Done, Failed
 from chat.openai_parse import ApiError, bad, parse_json, parse_request
+from chat.tools import ToolCallStream, content_and_calls
 
-__all__ = ["ApiError", "ApiState", "bad", "owner_of_key", "router"]
+__all__ = ["ApiError", "ApiState", "bad", "engine_error", "failed_error", "owner_of_key", "router"]
 
-log = logging.getLogger("vlchat.api")
 ANONYMOUS = "api:anonymous"
-RETRY = {"Retry-After": "2"}
 
 
 @dataclass
@@ -57,6 +58,13 @@ class ApiState:
     open: bool = True
     closed_reason: str = ""
 
+    def model_names(self) -> tuple[str, ...]:
+        """Every name a request may ask for: the served model's, the alias 'vlchat', the configured --model."""
+        names = [self.model_name, "vlchat"]
+        if not self.settings.engine_urls:
+            names.append(self.settings.model)
+        return tuple(dict.fromkeys(names))
+
 
 def owner_of_key(key: str | None) -> str:
     """The owner an API request's cached state belongs to: a short hash of its key, never the key itself."""
@@ -65,202 +73,169 @@ def owner_of_key(key: str | None) -> str:
     return "api:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
-# -- responses ----------------------------------------------------------------------------------
+def check_key(state: ApiState, request: Request) -> str:
+    """The request's owner, or an ApiError (API off, missing or wrong key); 401s say how to authenticate."""
+    if not state.open:
+        raise ApiError(403, state.closed_reason, "permission_error", code="api_disabled")
+    if not state.keys:
+        return ANONYMOUS
+    auth = request.headers.get("authorization", "")
+    token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+    matched = [k for k in state.keys if hmac.compare_digest(token.encode(), k.encode())]
+    if not matched:
+        raise ApiError(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.",
+                       "authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return owner_of_key(matched[0])
 
 
-def _usage(done: Done) -> dict:
-    u = done.usage
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+async def parsed(state: ApiState, request: Request, owner: str, convert=None):
+    """(ChatRequest, meta) of a request's body, parsed in a thread; `convert` maps another API's body to chat's."""
+    raw = await read_body(request, state.settings.max_body_bytes)
+    engine = state.engine
+
+    def parse():
+        # JSON decoding, text checks and image decoding are CPU work: never on the event loop.
+        body = parse_json(raw)
+        extra = {}
+        if convert is not None:
+            body, extra = convert(body)
+        chat_request, meta = parse_request(state.settings, body, model_names=state.model_names(), owner=owner,
+                                           max_prompt_chars=getattr(engine, "max_prompt_chars", None))
+        return chat_request, {**meta, **extra}
+
+    return await asyncio.to_thread(parse)
 
 
-def engine_error(exc: EngineError) -> ApiError:
-    """Map what `submit` raises to statuses the OpenAI clients understand (503s carry Retry-After)."""
-    if isinstance(exc, ContextTooLong):
-        return bad(str(exc), "messages", exc.code)
-    if isinstance(exc, (Busy, NotReady, ShuttingDown)):
-        return ApiError(503, str(exc), "server_error", code=exc.code, headers=RETRY)
-    return ApiError(500, str(exc), "server_error", code=exc.code)
+def _model_card(state: ApiState, name: str, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "vlchat", "root": state.model_name,
+            "max_model_len": state.settings.context_tokens}
 
 
-def failed_error(event: Failed) -> ApiError:
-    """A Failed event as an ApiError (a remote engine's event may carry the HTTP status to answer with)."""
-    status = getattr(event, "status", None)
-    if isinstance(status, int) and 400 <= status < 600 and event.code != ContextTooLong.code:
-        kind = "server_error" if status >= 500 else "invalid_request_error"
-        return ApiError(status, event.message, kind, code=event.code or None, headers=RETRY if status == 503 else None)
-    if event.code == ContextTooLong.code:
-        return bad(event.message, "messages", event.code)
-    if event.code in (ShuttingDown.code, Busy.code, NotReady.code):
-        return ApiError(503, event.message, "server_error", code=event.code, headers=RETRY)
-    return ApiError(500, event.message, "server_error", code=event.code)
+def _finish(done: Done, calls: bool, legacy: bool = False) -> str:
+    if calls:
+        return "function_call" if legacy else "tool_calls"
+    return "length" if done.finish_reason == "length" else "stop"
+
+
+def _message(done: Done, meta: dict) -> tuple[dict, str]:
+    """The answer's message (with tool calls read from it when tools were offered) and its finish_reason."""
+    if not meta.get("tools"):
+        return {"role": "assistant", "content": done.text}, _finish(done, False)
+    content, calls = content_and_calls(done.text)
+    message = {"role": "assistant", "content": content}
+    if calls and meta.get("legacy_functions"):
+        message["function_call"] = {"name": calls[0].name, "arguments": calls[0].arguments}
+    elif calls:
+        message["tool_calls"] = [c.as_tool_call() for c in calls]
+    return message, _finish(done, bool(calls), meta.get("legacy_functions", False))
 
 
 def router(state: ApiState) -> APIRouter:
     """The /v1 routes."""
-    api = APIRouter(prefix="/v1")
+    from chat import responses
 
-    def check_key(request: Request) -> str:
-        """The request's owner, or an ApiError (API off, missing or wrong key)."""
-        if not state.open:
-            raise ApiError(403, state.closed_reason, "permission_error", code="api_disabled")
-        if not state.keys:
-            return ANONYMOUS
-        auth = request.headers.get("authorization", "")
-        token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-        matched = [k for k in state.keys if hmac.compare_digest(token.encode(), k.encode())]
-        if not matched:
-            raise ApiError(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.",
-                           "authentication_error", code="invalid_api_key")
-        return owner_of_key(matched[0])
+    api = APIRouter(prefix="/v1")
 
     @api.get("/models")
     async def models(request: Request):
-        check_key(request)
+        check_key(state, request)
         created = int(time.time())
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": created, "owned_by": "vlchat"}
-            for name in dict.fromkeys([state.model_name, "vlchat"])
-        ]}
+        return {"object": "list", "data": [_model_card(state, name, created) for name in state.model_names()]}
 
     @api.post("/chat/completions")
     async def chat_completions(request: Request):
-        owner = check_key(request)
-        raw = await read_body(request, state.settings.max_body_bytes)
-        names = (state.model_name, "vlchat", state.settings.model)
-        engine = state.engine
+        owner = check_key(state, request)
+        chat_request, meta = await parsed(state, request, owner)
+        gen = await Generation.start(request, state.engine, chat_request)
+        headers = clamp_headers(meta)
+        if meta["stream"]:
+            gen.stream()
+            return StreamingResponse(stream(gen.handle, gen.events, gen.first, meta), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", **headers})
+        done = await gen.result()
+        message, finish = _message(done, meta)
+        return JSONResponse({"id": meta["id"], "object": "chat.completion", "created": meta["created"],
+                             "model": meta["model"],
+                             "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+                             "usage": usage_of(done)}, headers=headers)
 
-        def parse():
-            # JSON decoding, text checks and image decoding are CPU work: never on the event loop.
-            return parse_request(state.settings, parse_json(raw), model_names=names, owner=owner,
-                                 max_prompt_chars=getattr(engine, "max_prompt_chars", None))
-
-        chat_request, meta = await asyncio.to_thread(parse)
-        try:
-            # submit renders and tokenizes the prompt in the calling thread.
-            handle = await asyncio.to_thread(engine.submit, chat_request)
-        except EngineError as exc:
-            raise engine_error(exc) from None
-        events = handle.aevents()
-        # Until the SSE stream takes over (it notices a closed connection itself), a client that
-        # goes away while its request waits or generates must not keep the one worker busy.
-        watcher = asyncio.create_task(cancel_on_disconnect(request, handle))
-        handed_over = False
-        try:
-            first = await anext(events)
-            if isinstance(first, Failed):
-                raise failed_error(first)
-            if meta["stream"]:
-                handed_over = True
-                return StreamingResponse(stream(handle, events, first, meta), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache"})
-            done = first
-            while not isinstance(done, (Done, Failed)):
-                done = await anext(events)
-        finally:
-            watcher.cancel()
-            if handle.result is None and not handed_over:
-                handle.cancel()
-        if isinstance(done, Failed):
-            raise failed_error(done)
-        return {"id": meta["id"], "object": "chat.completion", "created": meta["created"], "model": meta["model"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                             "finish_reason": "length" if done.finish_reason == "length" else "stop"}],
-                "usage": _usage(done)}
+    responses.add_routes(api, state)
 
     @api.get("/models/{model_id:path}")
     async def model(request: Request, model_id: str):
-        check_key(request)
-        if model_id not in (state.model_name, "vlchat"):
+        check_key(state, request)
+        if model_id not in state.model_names():
             raise ApiError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
-        return {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "vlchat"}
+        return _model_card(state, model_id, int(time.time()))
 
-    known = {"/v1/models": "GET", "/v1/chat/completions": "POST"}
+    known = {"/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/responses": "POST"}
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
     @api.api_route("", methods=methods, include_in_schema=False)
     @api.api_route("/{rest:path}", methods=methods, include_in_schema=False)
     async def elsewhere(request: Request, rest: str = ""):
-        # Without this, anything else under /v1 would fall through to the page's app and its 404.
+        # Without this, anything else under /v1 would fall through to the page's app and its 404. The
+        # key comes first: without one, nobody learns which routes exist.
+        check_key(state, request)
         path = request.url.path
         if path in known and request.method != known[path]:
             raise ApiError(405, f"{path} takes {known[path]}, not {request.method}.", code="method_not_allowed")
         hint = f" (without the trailing slash: {path.rstrip('/')})" if path.rstrip("/") in known else ""
-        raise ApiError(404, f"Unknown route {path}{hint}; this server has POST /v1/chat/completions and GET "
-                       "/v1/models.", code="not_found")
+        raise ApiError(404, f"Unknown route {path}{hint}; this server has POST /v1/chat/completions, POST "
+                       "/v1/responses and GET /v1/models.", code="not_found")
 
     return api
 
 
-async def cancel_on_disconnect(request: Request, handle) -> None:
-    """Cancel `handle` as soon as the client's connection closes (runs until cancelled).
-
-    The body has been read, so the next message on `receive` is the disconnect. Waiting for it
-    (rather than polling `request.is_disconnected()`, which peeks with an already-cancelled scope
-    and so never sees anything through ASGI middleware that wraps `receive` in a task) hears it at
-    once, whatever middleware sits in between.
-    """
-    while handle.result is None:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            handle.cancel()
-            return
+def _sse(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
 async def stream(handle, events, first, meta: dict):
     """SSE chunks; a client that goes away cancels the generation (the finally below)."""
     completion_id, created = meta["id"], meta["created"]
+    legacy = meta.get("legacy_functions", False)
+    calls = ToolCallStream() if meta.get("tools") else None
 
-    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
-        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": meta["model"],
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        return _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                     "model": meta["model"], "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+    sent = [0]  # tool calls passed on so far (each one's index in the delta)
+
+    def pieces(found) -> list[str]:
+        out = []
+        for kind, value in found:
+            if kind == "text":
+                out.append(chunk({"content": value}))
+            elif legacy:
+                out.append(chunk({"function_call": {"name": value.name, "arguments": value.arguments}}))
+            else:
+                out.append(chunk({"tool_calls": [value.as_tool_call(sent[0])]}))
+                sent[0] += 1
+        return out
 
     try:
         yield chunk({"role": "assistant", "content": ""})
         event = first
         while True:
             if isinstance(event, Delta):
-                yield chunk({"content": event.text})
+                for line in pieces(calls.feed(event.text)) if calls else [chunk({"content": event.text})]:
+                    yield line
             elif isinstance(event, Done):
-                yield chunk({}, "length" if event.finish_reason == "length" else "stop")
+                for line in pieces(calls.finish()) if calls else []:
+                    yield line
+                yield chunk({}, _finish(event, bool(calls and calls.calls), legacy))
                 if meta["include_usage"]:
-                    body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                            "model": meta["model"], "choices": [], "usage": _usage(event)}
-                    yield f"data: {json.dumps(body)}\n\n"
+                    yield _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                "model": meta["model"], "choices": [], "usage": usage_of(event)})
                 break
             elif isinstance(event, Failed):
-                yield f"data: {json.dumps(failed_error(event).body())}\n\n"
+                yield _sse(failed_error(event).body())
                 break
             event = await anext(events)
         yield "data: [DONE]\n\n"
     finally:
         if handle.result is None:
             handle.cancel()
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body of a JSON request, refusing bodies over `limit` bytes (by header, then while reading)."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != "application/json":
-        raise bad(f"Content-Type must be application/json, not {ctype[:60] or 'missing'!r}.")
-    too_big = ApiError(413, f"The request body is over the limit of {limit:,} bytes; send fewer or smaller images.",
-                       code="request_too_large")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_big
-    chunks, size = [], 0
-    try:
-        async for piece in request.stream():
-            size += len(piece)
-            if size > limit:
-                raise too_big
-            chunks.append(piece)
-    except ClientDisconnect:
-        # Nobody is left to answer; an ordinary event, not a server error with a traceback.
-        log.info("client went away while sending its request body")
-        raise ApiError(400, "The client closed the connection before the body was complete.",
-                       code="client_disconnected") from None
-    return b"".join(chunks)

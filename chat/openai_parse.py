@@ -1,13 +1,16 @@
 """Reading an OpenAI chat request: bytes -> JSON -> a checked ChatRequest, cheapest checks first.
 
-Parsed by hand (not pydantic) so each problem names its parameter in plain words and no
-framework-shaped 422 ever leaks out. Every refusal is an `ApiError` in one envelope,
-{"error": {"message", "type", "param", "code"}}.
+Shapes, types and ranges are checked by the pydantic models in `chat/api_models.py` (one per
+request type); their errors, and every other refusal, are an `ApiError` in one envelope,
+{"error": {"message", "type", "param", "code"}}, naming the parameter in plain words (no
+framework-shaped 422 ever leaks out). The Responses API (`chat/responses.py`) converts its input
+to a chat request and comes through here too, so both routes follow one set of rules.
 
 The order matters, because a hostile body should cost as little as possible:
 
 1. JSON: too deep, numbers past Python's int-string limit, NaN/Infinity -> 400, not 500;
-2. shapes and parameters; the messages are walked once without touching image data;
+2. shapes and parameters (the pydantic model); then the messages are walked once without touching
+   image data;
 3. the text's total length against what the context could hold (`max_prompt_chars`): a 49 MB
    prompt is refused here, before anything is tokenized or checked character by character;
 4. text validity (a lone surrogate such as "\\ud800" would otherwise reach the tokenizer);
@@ -30,14 +33,14 @@ from dataclasses import dataclass
 
 from fastapi.responses import Response
 
+from chat.api_models import ChatCompletionRequest, Message, validate
 from chat.config import Settings
 from chat.engine.types import ChatRequest
 from chat.images import ImageError, check_header, check_size, sanitize
 
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "logprobs", "top_logprobs",
-               "audio", "modalities", "prediction", "logit_bias", "web_search_options", "parallel_tool_calls")
-ROLES = ("system", "developer", "user", "assistant")
-MAX_CACHE_SALT = 256
+# Fields (known to OpenAI or vLLM) that would change what the answer is, and which this server cannot honour.
+UNSUPPORTED_EXTRA = ("audio", "prediction", "web_search_options", "structured_outputs", "guided_json",
+                     "guided_regex", "guided_choice", "guided_grammar", "echo", "prompt_logprobs")
 # Used only before the engine is loaded (it then knows its tokenizer's longest token).
 FALLBACK_CHARS_PER_TOKEN = 64
 
@@ -103,15 +106,8 @@ class _Image:
     data: bytes = b""
 
 
-def _data_url(part: dict, where: str) -> tuple[str, str]:
-    """(base64 payload, detail) of an image_url part, refusing anything but an inline data URL."""
-    spec = part.get("image_url")
-    url = spec.get("url") if isinstance(spec, dict) else spec
-    if not isinstance(url, str) or not url:
-        raise bad("image_url.url must be a string.", f"{where}.image_url.url")
-    detail = spec.get("detail", "auto") if isinstance(spec, dict) else "auto"
-    if detail not in ("auto", "low", "high"):
-        raise bad("image_url.detail must be 'low', 'high' or 'auto'.", f"{where}.image_url.detail")
+def _data_url(url: str, where: str) -> str:
+    """The base64 payload of an image URL, refusing anything but an inline data URL."""
     if not url.startswith("data:"):
         scheme = url.split(":", 1)[0].lower() if ":" in url else "?"
         kind = "Remote image URLs" if scheme in ("http", "https") else f"{_shown(scheme + ':')} URLs"
@@ -121,22 +117,24 @@ def _data_url(part: dict, where: str) -> tuple[str, str]:
     if not header.startswith("data:image/") or not header.endswith(";base64"):
         raise bad("A data URL must look like data:image/<type>;base64,<data>.", f"{where}.image_url.url",
                   "invalid_image_url")
-    return payload, detail
+    return payload
 
 
-def _read_messages(settings: Settings, raw) -> tuple[list[dict], list[_Image], list[tuple[str, str]]]:
-    """Pass 1: shapes only. Returns (messages with image placeholders, images, (where, text) pairs)."""
-    if not isinstance(raw, list) or not raw:
-        raise bad("messages must be a non-empty list.", "messages")
+def _tool_calls(msg: Message) -> list[dict]:
+    """An assistant message's earlier calls, as the chat template renders them."""
+    calls = [c.function for c in msg.tool_calls or ()]
+    if msg.function_call is not None:
+        calls.append(msg.function_call)
+    return [{"type": "function", "function": {"name": f.name, "arguments": f.arguments}} for f in calls]
+
+
+def _read_messages(settings: Settings, raw: list[Message]) -> tuple[list[dict], list[_Image], list[tuple[str, str]]]:
+    """Pass 1: the checked models' content, no image touched. Returns (messages with image placeholders,
+    images, (where, text) pairs)."""
     out, images, texts = [], [], []
     for i, msg in enumerate(raw):
         where = f"messages[{i}]"
-        if not isinstance(msg, dict):
-            raise bad("Each message must be an object.", where)
-        role = msg.get("role")
-        if role not in ROLES:
-            raise bad(f"Unsupported role {_shown(role)}; use system, user or assistant.", f"{where}.role")
-        content = msg.get("content")
+        role, content = msg.role, msg.content
         parts: list[dict] = []
         if isinstance(content, str):
             parts.append({"type": "text", "text": content})
@@ -145,35 +143,42 @@ def _read_messages(settings: Settings, raw) -> tuple[list[dict], list[_Image], l
             in_msg = 0
             for j, part in enumerate(content):
                 pwhere = f"{where}.content[{j}]"
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "text" and isinstance(part.get("text"), str):
-                    parts.append({"type": "text", "text": part["text"]})
-                    texts.append((f"{pwhere}.text", part["text"]))
-                elif kind == "image_url" and role == "user":
+                if part.type == "text":
+                    parts.append({"type": "text", "text": part.text})
+                    texts.append((f"{pwhere}.text", part.text))
+                elif part.type == "image_url" and role == "user":
                     in_msg += 1
                     if in_msg > settings.max_images_per_message:
                         raise bad(f"A message may carry {settings.max_images_per_message} images.", pwhere)
-                    payload, detail = _data_url(part, pwhere)
-                    images.append(_Image(pwhere, payload, detail))
-                    parts.append({"type": "image", "image": images[-1],
-                                  "detail": detail if detail in ("low", "high") else "auto"})
+                    spec = part.image_url
+                    url, detail = (spec, "auto") if isinstance(spec, str) else (spec.url, spec.detail)
+                    images.append(_Image(pwhere, _data_url(url, pwhere), detail))
+                    parts.append({"type": "image", "image": images[-1], "detail": detail})
                 else:
-                    raise bad(f"Unsupported content part {_shown(kind)} for role {role}; use text (and image_url "
+                    raise bad(f"Unsupported content part {_shown(part.type)} for role {role}; use text (and image_url "
                               "in user messages).", f"{pwhere}.type")
         elif content is None and role == "assistant":
-            parts.append({"type": "text", "text": ""})
+            pass
         else:
             raise bad("content must be a string or a list of content parts.", f"{where}.content")
-        if role in ("system", "developer", "assistant"):
-            out.append({"role": "system" if role == "developer" else role,
-                        "content": "".join(p["text"] for p in parts)})
-        else:
+        if role == "user":
             out.append({"role": "user", "content": parts})
+        else:
+            entry = {"role": "system" if role == "developer" else role,
+                     "content": "".join(p["text"] for p in parts)}
+            if role == "assistant" and (msg.tool_calls or msg.function_call):
+                entry["tool_calls"] = _tool_calls(msg)
+                for k, call in enumerate(entry["tool_calls"]):
+                    args = call["function"]["arguments"]
+                    texts.append((f"{where}.tool_calls[{k}].function.arguments",
+                                  args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)))
+            out.append(entry)
         if len(images) > settings.max_images_per_conversation:
             raise bad(f"The conversation holds more than {settings.max_images_per_conversation} images, the "
                       "limit.", "messages")
-    if out[-1]["role"] != "user":
-        raise bad("The last message must be from the user.", "messages")
+    if out[-1]["role"] not in ("user", "tool", "assistant"):
+        raise bad("The last message must be from the user (or a tool's result, or an assistant message to "
+                  "continue).", "messages")
     return out, images, texts
 
 
@@ -238,94 +243,108 @@ def _decode_images(settings: Settings, messages: list[dict], inline: dict) -> No
             part["image_id"] = clean.sha256
 
 
-def parse_messages(settings: Settings, raw, inline: dict, max_chars: int) -> list[dict]:
-    """OpenAI messages -> engine messages (images replaced by their content hash, their bytes put in `inline`)."""
-    messages, images, texts = _read_messages(settings, raw)
-    _check_texts(texts, max_chars)
-    _check_images(settings, images)
-    _decode_images(settings, messages, inline)
-    return messages
-
-
 # -- the whole request ----------------------------------------------------------------------------
 
 
-def _number(body: dict, name: str, lo: float, hi: float, integer: bool = False):
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise bad(f"{name} must be a {'whole number' if integer else 'number'}.", name)
-    if not lo <= value <= hi:
-        raise bad(f"{name} must be between {lo} and {hi}; got {_shown(value)}.", name)
-    return value
+def _unsupported(body: dict, req: ChatCompletionRequest) -> list[str]:
+    """Fields given that would change the answer in ways this server cannot honour."""
+    names = [k for k in UNSUPPORTED_EXTRA if body.get(k) not in (None, False, [], {})]
+    if req.logprobs:
+        names.append("logprobs")
+    if req.top_logprobs is not None:
+        names.append("top_logprobs")
+    if req.response_format is not None and req.response_format.type != "text":
+        names.append("response_format")
+    if req.logit_bias:
+        names.append("logit_bias")
+    modalities = body.get("modalities")
+    if modalities not in (None, [], ["text"]):
+        names.append("modalities")
+    return names
 
 
-def _string(body: dict, name: str, limit: int) -> str | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str) or len(value) > limit:
-        raise bad(f"{name} must be a string of at most {limit} characters.", name)
-    _check_text(value, name)
-    return value
-
-
-def _stop(body: dict) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        stop = [stop]
-    if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(x, str) and len(x) <= 1000 for x in stop)):
-        raise bad("stop must be a string or a list of up to 4 strings.", "stop")
-    for x in stop:
-        _check_text(x, "stop")
-    return tuple(stop)
+def _tools(req: ChatCompletionRequest) -> tuple[list[dict] | None, bool]:
+    """(tools for the prompt, whether the answer is read for tool calls); refuses forced calls."""
+    legacy = not req.tools and bool(req.functions)
+    choice = req.function_call if legacy else req.tool_choice
+    param = "function_call" if legacy else "tool_choice"
+    if choice is not None and not isinstance(choice, str) or choice == "required":
+        raise bad(f"Forced tool calls ({param} {_shown(choice if isinstance(choice, str) else 'naming a function')}) "
+                  "are not supported by this server; leave it out or use 'auto' (the model decides) or 'none'.",
+                  param, "unsupported_parameter")
+    if req.tools:
+        tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    elif req.functions:
+        tools = [{"type": "function", "function": f.model_dump(exclude_none=True)} for f in req.functions]
+    else:
+        return None, False
+    if choice == "none":  # the model is not told about them (as vLLM does by default for 'none')
+        return None, False
+    return tools, True
 
 
 def parse_request(settings: Settings, body, *, model_names: tuple[str, ...], owner: str,
                   max_prompt_chars: int | None = None) -> tuple[ChatRequest, dict]:
-    """The whole request: (engine request, {"stream", "include_usage", "model", "id", "created"})."""
+    """The whole request: (engine request, {"stream", "include_usage", "model", "id", "created", "tools",
+    "legacy_functions", "clamped"})."""
     if not isinstance(body, dict):
         raise bad("The request body must be a JSON object.")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
+    req, problem = validate(ChatCompletionRequest, body)
+    if problem is not None:
+        raise bad(*problem)
+    model = req.model
+    if not model:
         raise bad("model is required.", "model")
     if model not in model_names:
         raise ApiError(404, f"The model {_shown(model, 200)} does not exist; this server serves "
                        f"'{model_names[0]}' (alias 'vlchat').", param="model", code="model_not_found")
-    unsupported = [k for k in UNSUPPORTED if body.get(k) not in (None, False, [], {})]
-    if body.get("response_format") in ({"type": "text"},):
-        unsupported = [k for k in unsupported if k != "response_format"]
+    unsupported = _unsupported(body, req)
     if unsupported:
         raise bad(f"Not supported by this server: {', '.join(unsupported)}.", unsupported[0], "unsupported_parameter")
-    if _number(body, "n", 1, 1, integer=True) not in (None, 1):
-        raise bad("Only n=1 is supported.", "n")
+    if (req.n or 1) > 1:
+        raise bad("Only n=1 is supported: ask again for another answer.", "n", "unsupported_parameter")
+    tools, read_calls = _tools(req)
     limit = settings.max_new_tokens_limit
-    max_tokens = _number(body, "max_completion_tokens", 1, limit, integer=True)
-    if max_tokens is None:
-        max_tokens = _number(body, "max_tokens", 1, limit, integer=True)
-    temperature = _number(body, "temperature", 0.0, 2.0)
-    top_p = _number(body, "top_p", 0.0, 1.0)
-    seed = _number(body, "seed", -(2**63), 2**63 - 1, integer=True)
-    top_k = _number(body, "top_k", -1, 1_000_000, integer=True)  # vLLM's extension; -1 or 0: off
-    presence = _number(body, "presence_penalty", -2.0, 2.0)
-    stop = _stop(body)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise bad("stream must be true or false.", "stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise bad("stream_options must be an object.", "stream_options")
-    salt = _string(body, "cache_salt", MAX_CACHE_SALT)
+    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    max_tokens = min(asked, limit) if asked is not None else None
+    stream = bool(req.stream)
+    if req.stream_options is not None and not stream:
+        raise bad("stream_options is only allowed with stream: true.", "stream_options")
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    if any(len(x) > 1000 for x in stop):
+        raise bad("stop must be a string or a list of up to 4 strings of at most 1000 characters.", "stop")
+    for x in stop:
+        _check_text(x, "stop")
+    if req.cache_salt is not None:
+        _check_text(req.cache_salt, "cache_salt")
     max_chars = max_prompt_chars or settings.context_tokens * FALLBACK_CHARS_PER_TOKEN
+    messages, images, texts = _read_messages(settings, req.messages)
+    if tools:
+        texts.append(("tools", json.dumps(tools, ensure_ascii=False)))
+    _check_texts(texts, max_chars)
+    continue_final = False
+    if messages[-1]["role"] == "assistant":
+        last = messages[-1]
+        if not last["content"] and not last.get("tool_calls") and len(messages) > 1:
+            messages.pop()  # an empty assistant message to continue: the same as a new answer
+        else:
+            continue_final = req.continue_final_message is not False and not last.get("tool_calls")
+    elif req.continue_final_message:
+        raise bad("continue_final_message needs a conversation that ends with an assistant message.",
+                  "continue_final_message")
+    _check_images(settings, images)
     inline: dict[str, bytes] = {}
-    messages = parse_messages(settings, body.get("messages"), inline, max_chars)
-    params = settings.clamp_params(temperature, top_p, max_tokens, seed=seed, stop=stop,
-                                   fit_to_context=max_tokens is None, top_k=max(0, top_k or 0),
-                                   presence_penalty=float(presence or 0.0))
-    meta = {"stream": stream, "include_usage": bool(options.get("include_usage")), "model": model,
-            "id": "chatcmpl-" + uuid.uuid4().hex, "created": int(time.time())}
-    cache_salt = f"{owner}|{salt}" if salt else owner
-    return ChatRequest(messages, params, images=inline, cache_salt=cache_salt), meta
+    _decode_images(settings, messages, inline)
+    top_k = req.top_k or 0
+    params = settings.clamp_params(req.temperature, req.top_p, max_tokens, seed=req.seed, stop=stop,
+                                   # asked for more than the limit: as much as the context has room for, up to it
+                                   fit_to_context=max_tokens is None or asked > limit, top_k=max(0, top_k),
+                                   presence_penalty=float(req.presence_penalty or 0.0))
+    meta = {"stream": stream, "include_usage": bool(req.stream_options and req.stream_options.include_usage),
+            "model": model, "id": "chatcmpl-" + uuid.uuid4().hex, "created": int(time.time()),
+            "tools": read_calls, "legacy_functions": read_calls and not req.tools,
+            "clamped": (asked, limit) if asked is not None and asked > limit else None}
+    cache_salt = f"{owner}|{req.cache_salt}" if req.cache_salt else owner
+    request = ChatRequest(messages, params, images=inline, cache_salt=cache_salt, tools=tools,
+                          continue_final=continue_final)
+    return request, meta

@@ -4,7 +4,9 @@ UI and API both speak only this. Scheduling inside the worker (prefix reuse, com
 batching) can change without either door noticing.
 
 A message's content is a string or a list of parts: {"type": "text", "text": ...} or
-{"type": "image", "image_id": <sha256 of the stored, sanitized image>}.
+{"type": "image", "image_id": <sha256 of the stored, sanitized image>}. Roles are system, user,
+assistant and tool (a tool's result); an assistant message may carry `tool_calls` (OpenAI's shape,
+as the chat template renders them).
 """
 
 from __future__ import annotations
@@ -90,6 +92,12 @@ class ChatRequest:
     # optionally split by the client's cache_salt). It is part of every prefix-cache key, so
     # state built for one owner never serves another (no cached_tokens side channel).
     cache_salt: str = ""
+    # Functions the model may call (OpenAI's `tools` entries): the chat template renders them into the
+    # system prompt. None: no tools (the prompt is exactly as without them).
+    tools: list[dict] | None = None
+    # The last message is the assistant's and is continued (no new turn is opened after it), as vLLM's
+    # `continue_final_message`; the answer is only the text that follows it.
+    continue_final: bool = False
 
 
 @dataclass(frozen=True)

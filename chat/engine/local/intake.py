@@ -42,7 +42,7 @@ class PromptBuilder:
                 f"This conversation's text is {chars:,} characters, more than the {self.max_context:,}-token context "
                 "can hold. Send a shorter text (or attach it in parts) or start a new chat."
             )
-        prompt = self.build(request.messages, request.images)
+        prompt = self.build(request.messages, request.images, request.tools, request.continue_final)
         n_prompt, params = len(prompt.ids), request.params
         room = self.max_context - n_prompt
         if room < 1 or (params.max_new_tokens > room and not params.fit_to_context):
@@ -54,7 +54,8 @@ class PromptBuilder:
             )
         return prompt
 
-    def build(self, messages: list[dict], inline: dict | None = None) -> Prompt:
+    def build(self, messages: list[dict], inline: dict | None = None, tools: list[dict] | None = None,
+              continue_final: bool = False) -> Prompt:
         """Render messages; an image is opened only the first time its size is needed."""
         grids = {}
         with self._lock:  # callers' threads render side by side
@@ -69,4 +70,4 @@ class PromptBuilder:
                 with self._lock:
                     self._grids[vid] = grid
             grids[vid] = grid
-        return render(self.runner.processor, messages, grids, self.runner.merge)
+        return render(self.runner.processor, messages, grids, self.runner.merge, tools, continue_final)

@@ -69,6 +69,17 @@ def defuse(text: str) -> str:
     return text.replace("<|", "<\u200c|")
 
 
+def defuse_all(value):
+    """`defuse` on every string inside a JSON-like value (tool definitions and call arguments)."""
+    if isinstance(value, str):
+        return defuse(value)
+    if isinstance(value, dict):
+        return {defuse_all(k): defuse_all(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [defuse_all(v) for v in value]
+    return value
+
+
 def template_messages(messages: list[dict]) -> tuple[list[dict], list[str]]:
     """Messages for `apply_chat_template` (image parts without payload) and the visual ids in order."""
     out, image_ids = [], []
@@ -76,6 +87,8 @@ def template_messages(messages: list[dict]) -> tuple[list[dict], list[str]]:
         content = msg["content"]
         if isinstance(content, str):
             out.append({"role": msg["role"], "content": defuse(content)})
+            if msg.get("tool_calls"):
+                out[-1]["tool_calls"] = defuse_all(msg["tool_calls"])
             continue
         parts = []
         for part in content:
@@ -88,10 +101,19 @@ def template_messages(messages: list[dict]) -> tuple[list[dict], list[str]]:
     return out, image_ids
 
 
-def render(processor, messages: list[dict], grids: dict[str, tuple[int, int, int]], merge: int) -> Prompt:
-    """Render `messages` to a Prompt; `grids` maps each visual id to its patch grid (t, h, w)."""
+def render(processor, messages: list[dict], grids: dict[str, tuple[int, int, int]], merge: int,
+           tools: list[dict] | None = None, continue_final: bool = False) -> Prompt:
+    """Render `messages` to a Prompt; `grids` maps each visual id to its patch grid (t, h, w).
+
+    `tools` go to the chat template (Qwen's renders them into the system prompt; their strings are
+    defused like message text); `continue_final` continues the last (assistant) message instead of
+    opening a new turn. Both change the token ids, so the prefix cache keys follow by themselves.
+    """
     tmpl, image_ids = template_messages(messages)
-    text = processor.apply_chat_template(tmpl, tokenize=False, add_generation_prompt=True)
+    extra = {"tools": defuse_all(tools)} if tools else {}
+    if continue_final:
+        extra["continue_final_message"] = True
+    text = processor.apply_chat_template(tmpl, tokenize=False, add_generation_prompt=not continue_final, **extra)
     pad_text = processor.image_token
     pad_id = processor.image_token_id
     pieces = text.split(pad_text)
