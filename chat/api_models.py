@@ -91,7 +91,7 @@ class Part(_Model):
 
     type: str
     text: str | None = None
-    image_url: ImageURL | str | None = None
+    image_url: ImageURL | None = None  # an object with url, as OpenAI's API (not a bare string)
 
     @model_validator(mode="after")
     def _fields_of_its_type(self) -> Part:

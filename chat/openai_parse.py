@@ -40,7 +40,8 @@ from chat.images import ImageError, check_header, check_size, sanitize
 
 # Fields (known to OpenAI or vLLM) that would change what the answer is, and which this server cannot honour.
 UNSUPPORTED_EXTRA = ("audio", "prediction", "web_search_options", "structured_outputs", "guided_json",
-                     "guided_regex", "guided_choice", "guided_grammar", "echo", "prompt_logprobs")
+                     "guided_regex", "guided_choice", "guided_grammar", "echo", "prompt_logprobs", "use_beam_search",
+                     "min_tokens")
 # Used only before the engine is loaded (it then knows its tokenizer's longest token).
 FALLBACK_CHARS_PER_TOKEN = 64
 
@@ -151,9 +152,8 @@ def _read_messages(settings: Settings, raw: list[Message]) -> tuple[list[dict], 
                     if in_msg > settings.max_images_per_message:
                         raise bad(f"A message may carry {settings.max_images_per_message} images.", pwhere)
                     spec = part.image_url
-                    url, detail = (spec, "auto") if isinstance(spec, str) else (spec.url, spec.detail)
-                    images.append(_Image(pwhere, _data_url(url, pwhere), detail))
-                    parts.append({"type": "image", "image": images[-1], "detail": detail})
+                    images.append(_Image(pwhere, _data_url(spec.url, pwhere), spec.detail))
+                    parts.append({"type": "image", "image": images[-1], "detail": spec.detail})
                 else:
                     raise bad(f"Unsupported content part {_shown(part.type)} for role {role}; use text (and image_url "
                               "in user messages).", f"{pwhere}.type")
