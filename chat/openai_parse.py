@@ -122,11 +122,12 @@ def _data_url(url: str, where: str) -> str:
 
 
 def _tool_calls(msg: Message) -> list[dict]:
-    """An assistant message's earlier calls, as the chat template renders them."""
-    calls = [c.function for c in msg.tool_calls or ()]
+    """An assistant message's earlier calls, as the chat template renders them (with their ids, for upstreams)."""
+    calls = [(c.id, c.function) for c in msg.tool_calls or ()]
     if msg.function_call is not None:
-        calls.append(msg.function_call)
-    return [{"type": "function", "function": {"name": f.name, "arguments": f.arguments}} for f in calls]
+        calls.append((None, msg.function_call))
+    return [{**({"id": i} if i else {}), "type": "function", "function": {"name": f.name, "arguments": f.arguments}}
+            for i, f in calls]
 
 
 def _read_messages(settings: Settings, raw: list[Message]) -> tuple[list[dict], list[_Image], list[tuple[str, str]]]:
@@ -166,6 +167,8 @@ def _read_messages(settings: Settings, raw: list[Message]) -> tuple[list[dict], 
         else:
             entry = {"role": "system" if role == "developer" else role,
                      "content": "".join(p["text"] for p in parts)}
+            if role == "tool" and msg.tool_call_id:
+                entry["tool_call_id"] = msg.tool_call_id
             if role == "assistant" and (msg.tool_calls or msg.function_call):
                 entry["tool_calls"] = _tool_calls(msg)
                 for k, call in enumerate(entry["tool_calls"]):

@@ -118,8 +118,9 @@ def test_tool_history_and_continuing_a_message():
         {"role": "user", "content": "Weather in P?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
         {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"}])
     assert request.messages[1] == {"role": "assistant", "content": "", "tool_calls": [
-        {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "P"}'}}]}
-    assert request.messages[2] == {"role": "tool", "content": "Sunny, 21 C"} and not request.continue_final
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "P"}'}}]}
+    assert request.messages[2] == {"role": "tool", "content": "Sunny, 21 C", "tool_call_id": "call_1"}
+    assert not request.continue_final
 
     history = [{"role": "user", "content": "Write a poem."}, {"role": "assistant", "content": "Roses are"}]
     assert parse(messages=history)[0].continue_final  # Open WebUI's Continue
