@@ -291,3 +291,76 @@ def test_headers_clamping_and_refusals_over_http(server):
     for name in names:
         assert httpx.post(url, json={**ok, "model": name}, headers=key, timeout=30).status_code == 200
         assert httpx.get(f"{server.base}/v1/models/{name}", headers=key).json()["max_model_len"] == 4096
+
+
+# -- tool calls in chat answers (fixed text through the real answer code) ----------------------------
+
+
+def fake_events(*pieces: str):
+    from chat.engine.types import Delta, Done, Usage
+
+    async def events():
+        for piece in pieces[1:]:
+            yield Delta(piece)
+        yield Done("stop", "".join(pieces), Usage(10, 0, 5, 0))
+
+    class Handle:
+        result = None
+
+        def cancel(self):
+            self.result = "cancelled"
+
+    return Handle(), events(), Delta(pieces[0])
+
+
+def streamed_chunks(meta: dict, *pieces: str) -> list[dict]:
+    import asyncio
+
+    from chat.api import stream
+
+    handle, events, first = fake_events(*pieces)
+
+    async def collect():
+        return [line async for line in stream(handle, events, first, meta)]
+
+    lines = asyncio.run(collect())
+    assert lines[-1] == "data: [DONE]\n\n"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+META = {"id": "chatcmpl-x", "created": 1, "model": "vlchat", "include_usage": False, "tools": True,
+        "legacy_functions": False}
+
+
+def test_a_streamed_answer_with_tool_calls_sends_tool_call_deltas():
+    pieces = [ANSWER[:17], ANSWER[17:90], ANSWER[90:]]
+    chunks = streamed_chunks(META, *pieces)
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    assert [c["index"] for c in calls] == [0, 1]
+    assert [json.loads(c["function"]["arguments"])["city"] for c in calls] == ["Paris", "Kyiv"]
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
+    assert "".join(d.get("content") or "" for d in deltas).strip() == "Let me look."
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    # without tools offered, the same answer is plain text
+    plain = streamed_chunks({**META, "tools": False}, *pieces)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in plain) == "".join(pieces)
+    assert plain[-1]["choices"][0]["finish_reason"] == "stop"
+    legacy = streamed_chunks({**META, "legacy_functions": True}, *pieces)
+    assert legacy[-1]["choices"][0]["finish_reason"] == "function_call"
+    assert [c["choices"][0]["delta"]["function_call"]["name"] for c in legacy
+            if "function_call" in c["choices"][0]["delta"]] == ["get_weather", "get_weather"]
+
+
+def test_a_whole_answer_with_tool_calls_is_a_tool_calls_message():
+    from chat.api import _message
+    from chat.engine.types import Done, Usage
+
+    done = Done("stop", ANSWER, Usage(10, 0, 5, 0))
+    message, finish = _message(done, META)
+    assert finish == "tool_calls" and message["content"] == "Let me look."
+    assert [json.loads(c["function"]["arguments"]) for c in message["tool_calls"]] == [{"city": "Paris"},
+                                                                                        {"city": "Kyiv"}]
+    message, finish = _message(done, {**META, "legacy_functions": True})
+    assert finish == "function_call" and message["function_call"]["name"] == "get_weather"
+    assert _message(done, {**META, "tools": False}) == ({"role": "assistant", "content": ANSWER}, "stop")
