@@ -42,6 +42,7 @@ from chat.images import ImageError, check_header, check_size, sanitize
 UNSUPPORTED_EXTRA = ("audio", "prediction", "web_search_options", "structured_outputs", "guided_json",
                      "guided_regex", "guided_choice", "guided_grammar", "echo", "prompt_logprobs", "use_beam_search",
                      "min_tokens")
+MAX_TOOL_DEPTH = 64  # JSON schemas nest a few levels; the chat template renders them recursively
 # Used only before the engine is loaded (it then knows its tokenizer's longest token).
 FALLBACK_CHARS_PER_TOKEN = 64
 
@@ -126,8 +127,23 @@ def _tool_calls(msg: Message) -> list[dict]:
     calls = [(c.id, c.function) for c in msg.tool_calls or ()]
     if msg.function_call is not None:
         calls.append((None, msg.function_call))
-    return [{**({"id": i} if i else {}), "type": "function", "function": {"name": f.name, "arguments": f.arguments}}
-            for i, f in calls]
+    # Arguments as a JSON string (the template prints strings as they are; no deep object reaches it).
+    return [{**({"id": i} if i else {}), "type": "function", "function": {
+        "name": f.name, "arguments": f.arguments if isinstance(f.arguments, str) else json.dumps(
+            f.arguments, ensure_ascii=False)}} for i, f in calls]
+
+
+def _depth(value) -> int:
+    """How deeply a JSON value nests (without recursion)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            todo.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            todo.extend((v, depth + 1) for v in item)
+    return deepest
 
 
 def _read_messages(settings: Settings, raw: list[Message]) -> tuple[list[dict], list[_Image], list[tuple[str, str]]]:
@@ -172,9 +188,7 @@ def _read_messages(settings: Settings, raw: list[Message]) -> tuple[list[dict], 
             if role == "assistant" and (msg.tool_calls or msg.function_call):
                 entry["tool_calls"] = _tool_calls(msg)
                 for k, call in enumerate(entry["tool_calls"]):
-                    args = call["function"]["arguments"]
-                    texts.append((f"{where}.tool_calls[{k}].function.arguments",
-                                  args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)))
+                    texts.append((f"{where}.tool_calls[{k}].function.arguments", call["function"]["arguments"]))
             out.append(entry)
         if len(images) > settings.max_images_per_conversation:
             raise bad(f"The conversation holds more than {settings.max_images_per_conversation} images, the "
@@ -283,6 +297,9 @@ def _tools(req: ChatCompletionRequest) -> tuple[list[dict] | None, bool]:
         return None, False
     if choice == "none":  # the model is not told about them (as vLLM does by default for 'none')
         return None, False
+    for k, tool in enumerate(tools):
+        if _depth(tool) > MAX_TOOL_DEPTH:
+            raise bad(f"A tool's definition may nest {MAX_TOOL_DEPTH} levels deep at most.", f"tools[{k}]")
     return tools, True
 
 

@@ -110,6 +110,8 @@ def test_tools_reach_the_engine_and_forced_calls_are_refused():
         "tools[0].function.name"
     assert refused(tools=[{"type": "web_search"}]).param == "tools[0].type"
     assert refused(tools=[WEATHER], tool_choice="sometimes").param == "tool_choice"
+    deep = json.loads('{"a":' * 900 + "1" + "}" * 900)  # within JSON's nesting limit, too deep for a template
+    assert refused(tools=[{"type": "function", "function": {"name": "f", "parameters": deep}}]).param == "tools[0]"
 
 
 def test_tool_history_and_continuing_a_message():
@@ -120,6 +122,11 @@ def test_tool_history_and_continuing_a_message():
     assert request.messages[1] == {"role": "assistant", "content": "", "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "P"}'}}]}
     assert request.messages[2] == {"role": "tool", "content": "Sunny, 21 C", "tool_call_id": "call_1"}
+    as_object = {**call, "function": {"name": "g", "arguments": {"x": [1, {"y": 2}]}}}
+    request, _ = parse(messages=[{"role": "user", "content": "?"}, {"role": "assistant", "tool_calls": [as_object]},
+                                 {"role": "user", "content": "!"}])
+    assert request.messages[1]["tool_calls"][0]["function"]["arguments"] == '{"x": [1, {"y": 2}]}'
+
     assert not request.continue_final
 
     history = [{"role": "user", "content": "Write a poem."}, {"role": "assistant", "content": "Roses are"}]
