@@ -100,7 +100,8 @@ def main() -> None:
         finally:
             server.stop()
     print(f"answer: {api[0][1]} characters ({args.tokens} tokens asked), {args.runs} runs each")
-    print("API  chars/s: " + ", ".join(f"{r:.0f}" for r, _ in api) + f"  (median {statistics.median(r for r, _ in api):.0f})")
+    print("API  chars/s: " + ", ".join(f"{r:.0f}" for r, _ in api)
+          + f"  (median {statistics.median(r for r, _ in api):.0f})")
     print("page chars/s: " + ", ".join(f"{r:.0f}" for r, _, _ in shown)
           + f"  (median {statistics.median(r for r, _, _ in shown):.0f}); redraws per answer: "
           + ", ".join(str(n) for _, _, n in shown))
