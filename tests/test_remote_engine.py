@@ -351,6 +351,21 @@ def test_tool_calls_go_upstream_and_come_back_as_qwen_blocks(fakes):
         engine.shutdown()
 
 
+def test_tool_calls_through_the_front(fake_front, fakes):
+    """A client offers a tool through the front's API; the server's parsed call reaches it as tool_calls."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    set_mode(fakes, "tools")
+    try:
+        reply = client(fake_front, KEY1).chat.completions.create(
+            model="vlchat", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=tools, max_tokens=50)
+    finally:
+        set_mode(fakes, "ok")
+    (call,) = reply.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert reply.choices[0].finish_reason == "tool_calls"
+    assert all_requests(fakes)[-1]["body"]["tools"] == tools
+
+
 def set_mode(fakes, mode, body: dict | None = None) -> None:
     for fake in fakes:
         fake.mode, fake.error_body = mode, body or {}
