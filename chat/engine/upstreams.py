@@ -25,7 +25,8 @@ from urllib.parse import urlsplit, urlunsplit
 log = logging.getLogger("vlchat.upstreams")
 
 PROBE_SECONDS = 2.0  # how often every upstream is asked for its models
-PROBE_TIMEOUT = 3.0
+PROBE_TIMEOUT = 5.0
+SLOW_PROBES = 2  # a server busy enough to miss one probe's timeout is not down yet; a refused connection is
 
 
 def public_url(url: str) -> str:
@@ -47,6 +48,7 @@ class Upstream:
     error: str = "not contacted yet"
     models: list[str] = field(default_factory=list)
     changed_at: float = field(default_factory=time.monotonic)
+    slow: int = 0  # probes in a row that timed out
 
     def public(self) -> dict:
         """For /health: where it is (no credentials), whether it is up, and why not."""
@@ -121,9 +123,15 @@ class Pool:
 
         try:
             response = await client.get(upstream.url + "/models", headers=headers, timeout=PROBE_TIMEOUT)
+        except httpx.TimeoutException as exc:
+            upstream.slow += 1
+            if upstream.slow >= SLOW_PROBES or not upstream.up:
+                self.mark(upstream, False, f"not answering ({type(exc).__name__})")
+            return
         except httpx.HTTPError as exc:
             self.mark(upstream, False, f"not reachable ({type(exc).__name__})")
             return
+        upstream.slow = 0
         if response.status_code != 200:
             reason = "the API key was refused" if response.status_code in (401, 403) else "it answered"
             self.mark(upstream, False, f"{reason} (HTTP {response.status_code} on /models)")
@@ -153,6 +161,8 @@ class Pool:
             return ""
         try:
             response = await client.get(upstream.url[:-3] + "/health", timeout=PROBE_TIMEOUT)
+        except httpx.TimeoutException:
+            return ""  # it answered /models just now: busy, not down
         except httpx.HTTPError as exc:
             return f"not reachable ({type(exc).__name__} on /health)"
         if response.status_code < 500:
