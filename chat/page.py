@@ -180,8 +180,9 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
         follow = {"fn": bind(describe.follow_ups, ctx), "inputs": [conv_id, mode],
                   "outputs": [follow_row, *follow_btns], "show_progress": "hidden", "concurrency_limit": None,
                   **PRIVATE}
+        # "multiple": a message sent while the answer streams reaches the server, which holds it until then.
         box.submit(bind(send, ctx, len(outputs)), [conv_id, box, *sampling, detail], [*outputs, *note],
-                   concurrency_limit=None, **PRIVATE).then(**follow)
+                   concurrency_limit=None, trigger_mode="multiple", **PRIVATE).then(**follow)
         # "multiple": pressed while an answer is coming, they reach the server, which says why it waits
         # (the browser would drop a second press of a pending event without a word).
         describe_btn.upload(bind(describe.describe, ctx, len(outputs)), [conv_id, describe_btn, *sampling, detail],

@@ -69,6 +69,38 @@ def forget_session(ctx: Ctx, session: str) -> None:
         ctx.views.pop(session, None)
 
 
+WAITING_LINE = "Answering… your next message is waiting for this answer."
+TURN_WAIT_SECONDS = 600.0
+
+
+def wait_turn(ctx: Ctx, session: str) -> Iterator[tuple]:
+    """A message sent while this page's answer still streams waits for it (one message waits at most).
+
+    The status says so (it starts with "Answering", as the answer is still coming); the message stays in
+    the box until it is sent, so nothing is lost if it is refused then.
+    """
+    with ctx.lock:
+        if ctx.active.get(session) is None:
+            return
+        if session in ctx.queued:
+            raise Notice("A message is already waiting for the answer on screen. Press Stop to end that answer "
+                         "sooner.")
+        ctx.queued.add(session)
+    try:
+        yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), WAITING_LINE, gr.skip()
+        deadline = time.monotonic() + TURN_WAIT_SECONDS
+        while True:
+            with ctx.lock:
+                if ctx.active.get(session) is None:
+                    return
+            if time.monotonic() > deadline:
+                raise Notice("The answer on screen is still going; press Stop, then send your message again.")
+            time.sleep(0.05)
+    finally:
+        with ctx.lock:
+            ctx.queued.discard(session)
+
+
 # -- saving ---------------------------------------------------------------------------------
 
 

@@ -31,7 +31,7 @@ from chat.images import DEFAULT_DETAIL, DETAILS, plan
 from chat.notices import Notice
 from chat.render import chat_history
 from chat.store import NotFound, Store
-from chat.stream import Turn, forget_session, stream, switch_view, view_token
+from chat.stream import Turn, forget_session, stream, switch_view, view_token, wait_turn
 from chat.uploads import check_files, clean_files, discard_originals, give_back, name_of
 
 try:
@@ -63,6 +63,7 @@ class Ctx:
     running: dict[str, object] = field(default_factory=dict)  # conversation id -> Handle answering it
     views: dict[str, int] = field(default_factory=dict)  # Gradio session -> view token (chat.stream)
     streams: dict[str, threading.Event] = field(default_factory=dict)  # session -> "its stream stopped drawing"
+    queued: set[str] = field(default_factory=set)  # sessions with a message waiting for the answer on screen
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -289,6 +290,7 @@ def send(ctx: Ctx, conv_id, box, mode, temperature, top_p, max_new_tokens, syste
     check_text(ctx, text, system)
     check_files(files, ctx.settings)
     check_ready(ctx)
+    yield from wait_turn(ctx, session)
     rows: list[dict] = []
     if conv_id:
         try:
