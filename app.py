@@ -103,6 +103,7 @@ def create_app(settings: Settings):
 
     from chat import page, ui
     from chat.api import ApiError, ApiState, router
+    from chat.cors import ApiHeaders, parse_origins
     from chat.engine.types import LoadStatus
     from chat.security import CookieSigner, IdentityCookies, LoginThrottle, bearer_ok, secret_file
     from chat.store import Store
@@ -189,6 +190,7 @@ def create_app(settings: Settings):
     guarded = LoginThrottle(guarded, getattr(settings, "login_failures_per_minute", 5))
     guarded = NoSideDoors(guarded, expose_docs=expose_docs)
     guarded = BodyTimeout(guarded, getattr(settings, "body_timeout_seconds", 30))
+    guarded = ApiHeaders(guarded, parse_origins(getattr(settings, "cors_origins", "")))  # /v1: x-request-id, CORS
     guarded = SecurityHeaders(guarded, csp_exempt=("/docs", "/redoc") if expose_docs else ())
     return guarded, ctx, store
 

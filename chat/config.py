@@ -108,6 +108,10 @@ class Settings:
         120, "With a model server: seconds to wait for its first token before the request fails (and is "
         "cancelled there).", lo=1,
     )
+    cors_origins: str = _opt(
+        "", "Origins of browser apps that may call /v1 (CORS), e.g. https://app.example,http://localhost:3000; "
+        "'*' allows any.", check="cors_origins",
+    )
 
     def __post_init__(self) -> None:
         """Every value within what its setting allows (raises SettingsError naming the setting)."""
@@ -199,6 +203,9 @@ _STRING_RULES = {
     "engine_url": (_engine_urls_ok, "empty, or http(s) URLs such as http://gpu-box:8000/v1 separated by commas"),
     "engine_key": (lambda v: bool(re.fullmatch(r"[!-~]*", v)), "printable ASCII without spaces"),
     "header": (lambda v: bool(re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]*", v)), "an HTTP header name (or empty)"),
+    "cors_origins": (lambda v: all(o == "*" or re.fullmatch(r"https?://[^\s/?#,]+", o)
+                                   for o in (x.strip().rstrip("/") for x in v.split(",")) if o),
+                     "empty, '*', or origins such as https://app.example:8443 separated by commas"),
 }
 
 
