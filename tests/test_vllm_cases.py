@@ -278,3 +278,32 @@ def test_v_completions_with_image_with_incorrect_uuid_format(client):
     messages[1]["content"][1]["image_url"]["incorrect_uuid_key"] = "x"
     r = client.chat.completions.create(model="vlchat", messages=messages, max_completion_tokens=10)
     assert r.choices[0].message.content
+
+
+# -- T: test_tool_choice_null.py ---------------------------------------------------------------------
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}]
+WEATHER_Q = [{"role": "user", "content": "what is the weather in Paris?"}]
+
+
+def test_t_null_tool_choice_is_like_an_absent_one(client):
+    from chat.config import Settings
+    from chat.openai_parse import parse_request
+
+    def parsed(**extra):
+        return parse_request(Settings(), {"model": "vlchat", "messages": WEATHER_Q, **extra}, model_names=("vlchat",),
+                             owner="o")
+
+    for tools in (TOOLS, None):
+        omitted, explicit = parsed(**({"tools": tools} if tools else {})), parsed(tools=tools, tool_choice=None)
+        assert omitted[0].tools == explicit[0].tools and omitted[1]["tools"] == explicit[1]["tools"]
+    assert parsed(tools=TOOLS, tool_choice=None)[1]["tools"] is True  # auto: calls are read
+    assert parsed(tools=TOOLS, tool_choice="none")[0].tools is None  # 'none' stays none
+    r = client.chat.completions.create(model="vlchat", messages=WEATHER_Q, tools=TOOLS, max_completion_tokens=5,
+                                       extra_body={"tool_choice": None})
+    assert r.choices[0].message.content is not None
+
+
+def test_t_invalid_tool_choice_is_still_rejected(client):
+    refused(lambda: client.chat.completions.create(model="vlchat", messages=WEATHER_Q, tools=TOOLS,
+                                                   tool_choice="bogus", max_completion_tokens=5), "tool_choice")
