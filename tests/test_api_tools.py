@@ -203,6 +203,18 @@ def test_tools_are_rendered_into_the_prompt_defused_and_continuing_opens_no_turn
     continued = processor.tokenizer.decode(render(processor, partial, {}, 2, continue_final=True).ids)
     assert continued.endswith("<|im_start|>assistant\nIt is")  # no end of turn, no new turn
 
+    # The engine's prompt builder passes a request's tools and continue flag on (the path every request takes).
+    from types import SimpleNamespace
+
+    from chat.engine.local.intake import PromptBuilder
+    from chat.engine.types import ChatRequest
+
+    builder = PromptBuilder(SimpleNamespace(processor=processor, max_token_chars=64, merge=2), vision=None,
+                            max_context=4096)
+    built = builder.checked(ChatRequest(partial, tools=[sneaky], continue_final=True))
+    text = processor.tokenizer.decode(built.ids)
+    assert "# Tools" in text and text.endswith("<|im_start|>assistant\nIt is")
+
 
 # -- end to end -----------------------------------------------------------------------------------
 
