@@ -141,7 +141,7 @@ class ChatCompletionRequest(_Model):
     stream_options: StreamOptions | None = None
     cache_salt: CacheSalt | None = None
     user: Any = None  # a string by OpenAI, an object from some clients; never used
-    metadata: dict[str, Any] | None = None
+    metadata: Any = None  # echoed or ignored, never walked
     store: bool | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -151,7 +151,7 @@ class ChatCompletionRequest(_Model):
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    logit_bias: dict[str, Any] | None = None
+    logit_bias: Any = None  # refused when given (not supported)
     # vLLM's extensions for continuing the last assistant message (Open WebUI's "Continue").
     continue_final_message: bool | None = None
     add_generation_prompt: bool | None = None
@@ -307,6 +307,6 @@ class ResponsesRequest(_Model):
     previous_response_id: str | None = None
     background: bool | None = None
     store: bool | None = None
-    metadata: dict[str, Any] | None = None
+    metadata: Any = None  # echoed or ignored, never walked
     user: Any = None  # a string by OpenAI, an object from some clients; never used
     cache_salt: CacheSalt | None = None

@@ -42,6 +42,7 @@ from chat.images import ImageError, check_header, check_size, sanitize
 UNSUPPORTED_EXTRA = ("audio", "prediction", "web_search_options", "structured_outputs", "guided_json",
                      "guided_regex", "guided_choice", "guided_grammar", "echo", "prompt_logprobs", "use_beam_search",
                      "min_tokens")
+MAX_TOOLS = 256  # OpenAI takes 128
 MAX_TOOL_DEPTH = 64  # JSON schemas nest a few levels; the chat template renders them recursively
 # Used only before the engine is loaded (it then knows its tokenizer's longest token).
 FALLBACK_CHARS_PER_TOKEN = 64
@@ -263,6 +264,28 @@ def _decode_images(settings: Settings, messages: list[dict], inline: dict) -> No
 # -- the whole request ----------------------------------------------------------------------------
 
 
+def check_counts(settings: Settings, body: dict, items: str) -> None:
+    """Before any model is validated: no list longer than a context could use (O(messages), no parsing).
+
+    pydantic checks every element and collects every error; millions of tiny messages (a 50 MB body
+    holds four million) would cost it tens of seconds and gigabytes, so they are counted first.
+    Every message costs at least a few tokens of the chat template, every part something.
+    """
+    limit_messages, limit_parts = max(16, settings.context_tokens // 4), max(64, settings.context_tokens)
+    for name, limit in ((items, limit_messages), ("tools", MAX_TOOLS), ("functions", MAX_TOOLS)):
+        value = body.get(name)
+        if isinstance(value, list) and len(value) > limit:
+            raise bad(f"{name} holds {len(value):,} entries; this server takes at most {limit:,}.", name)
+    parts = 0
+    for msg in body.get(items) if isinstance(body.get(items), list) else ():
+        if isinstance(msg, dict):
+            for key in ("content", "tool_calls", "output"):
+                if isinstance(msg.get(key), list):
+                    parts += len(msg[key])
+    if parts > limit_parts:
+        raise bad(f"The {items} hold {parts:,} content parts; this server takes at most {limit_parts:,}.", items)
+
+
 def _unsupported(body: dict, req: ChatCompletionRequest) -> list[str]:
     """Fields given that would change the answer in ways this server cannot honour."""
     names = [k for k in UNSUPPORTED_EXTRA if body.get(k) not in (None, False, [], {})]
@@ -309,6 +332,7 @@ def parse_request(settings: Settings, body, *, model_names: tuple[str, ...], own
     "legacy_functions", "clamped"})."""
     if not isinstance(body, dict):
         raise bad("The request body must be a JSON object.")
+    check_counts(settings, body, "messages")
     req, problem = validate(ChatCompletionRequest, body)
     if problem is not None:
         raise bad(*problem)

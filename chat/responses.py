@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from chat.api_models import InputItem, ResponsesRequest, validate
 from chat.api_run import Generation, clamp_headers, failed_error
 from chat.engine.types import Delta, Done, Failed
-from chat.openai_parse import ApiError, bad
+from chat.openai_parse import ApiError, bad, check_counts
 from chat.tools import Call, ToolCallStream, content_and_calls
 
 REFUSED = {"previous_response_id": "Earlier responses are not stored here; send the conversation in input.",
@@ -87,10 +87,11 @@ def _items(items: list[InputItem], locs: list[str]) -> list[dict]:
     return out
 
 
-def to_chat(body, locs: list[str]) -> tuple[dict, dict]:
+def to_chat(body, locs: list[str], settings) -> tuple[dict, dict]:
     """A Responses body as a chat completions body, and what the answer needs to echo."""
     if not isinstance(body, dict):
         raise bad("The request body must be a JSON object.")
+    check_counts(settings, body, "input")
     req, problem = validate(ResponsesRequest, body)
     if problem is not None:
         raise bad(*problem)
@@ -303,7 +304,8 @@ def add_routes(api: APIRouter, state) -> None:
         owner = check_key(state, request)
         locs: list[str] = []
         try:
-            chat_request, meta = await parsed(state, request, owner, convert=lambda body: to_chat(body, locs))
+            chat_request, meta = await parsed(state, request, owner,
+                                              convert=lambda body: to_chat(body, locs, state.settings))
         except ApiError as exc:
             raise relocated(exc, locs) from None
         meta = {**meta, "response_id": "resp_" + uuid.uuid4().hex, "created": int(time.time())}

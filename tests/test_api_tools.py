@@ -159,6 +159,19 @@ def test_known_fields_with_a_wrong_type_or_value_are_refused_by_the_model():
     assert problem is None and model.messages[0].content == "x"
 
 
+def test_millions_of_tiny_messages_or_parts_are_counted_before_any_model_validates_them():
+    import time
+
+    started = time.monotonic()
+    err = refused(messages=[{"role": "x"}] * 2_000_000)
+    assert err.param == "messages" and "2,000,000 entries" in err.message
+    err = refused(messages=[{"role": "user", "content": [{"type": "text", "text": ""}] * 1_000_000}])
+    assert err.param == "messages" and "content parts" in err.message
+    assert refused(tools=[WEATHER] * 1000).param == "tools"
+    assert time.monotonic() - started < 1  # pydantic would take seconds and gigabytes on them
+    assert len(parse(messages=[{"role": "user", "content": "hi"}] * 2000)[0].messages) == 2000
+
+
 def test_max_tokens_over_the_limit_is_clamped_and_said():
     limit = SETTINGS.max_new_tokens_limit
     request, meta = parse(max_tokens=limit * 10)
