@@ -95,6 +95,20 @@ def answer_content(text: str, status: str, error: str = "") -> dict:
     return _text(body)
 
 
+def _mark_version(message: dict, row: dict) -> None:
+    """A message with other versions (issue 13: edit, regenerate) says which one it is, as text in it."""
+    if row.get("versions", 1) < 2:
+        return
+    note = f'<p class="vl-version">Version {int(row["version"])} of {int(row["versions"])}</p>'
+    content = message["content"]
+    parts = content if isinstance(content, list) else [content]
+    texts = [part for part in parts if isinstance(part, dict) and part.get("type") == "text"]
+    if texts:
+        texts[-1]["text"] = f'{texts[-1]["text"]}\n{note}'
+    elif isinstance(content, list):
+        content.append(_text(note))
+
+
 def chat_history(store: Store, rows: list[dict]) -> list[dict]:
     """Stored rows as Chatbot messages: user images inline (with their stored type), safe HTML text."""
     out = []
@@ -121,4 +135,6 @@ def chat_history(store: Store, rows: list[dict]) -> list[dict]:
             usage = row.get("usage") or {}
             out.append({"role": "assistant",
                         "content": answer_content(row["text"], row["status"], usage.get("error", ""))})
+        if out and row["role"] in ("user", "assistant"):
+            _mark_version(out[-1], row)
     return out

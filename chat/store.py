@@ -12,6 +12,8 @@ Design:
 - Schema changes are ordered, named migrations (`m001_initial`, ...) recorded in
   `_migrations`, each in its own transaction; reopening a database applies only new ones.
 - JSON columns (settings, usage, image_ids) are stored as JSON text and decoded on read.
+- Messages are a tree of versions (edit, regenerate); `messages()` gives the selected path.
+  They live in `chat.store_messages` (a mixin), the shared helpers in `chat.store_base`.
 
 It knows nothing of the model, the engine or the web framework.
 """
@@ -19,9 +21,7 @@ It knows nothing of the model, the engine or the web framework.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
 import sqlite3
 import tempfile
 import threading
@@ -33,18 +33,14 @@ from pathlib import Path
 import sqlite_utils
 from sqlite_utils.db import NotFoundError
 
-STATUSES = ("pending", "complete", "stopped", "error", "interrupted")
-ROLES = ("system", "user", "assistant")
+from chat.store_base import ROLES, STATUSES, NotFound, decoded, dumps, valid_sha
+from chat.store_messages import MessagesMixin
+
+__all__ = ["ROLES", "STATUSES", "NotFound", "Store", "migrate"]
 TITLE_MAX = 120
 IMAGE_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
-_MESSAGE_COLUMNS = "id, seq, role, text, image_ids, image_names, status, mode, settings, usage, created"
-_SHA_RE = re.compile(r"[0-9a-f]{64}")
 _BUSY_TIMEOUT_MS = 5000
-
-
-class NotFound(Exception):
-    """A conversation/message does not exist or belongs to another owner."""
 
 
 Migration = Callable[[sqlite_utils.Database], None]
@@ -90,6 +86,22 @@ def m002_image_names(db: sqlite_utils.Database) -> None:
     db.table("messages").add_column("image_names", str)
 
 
+@_migration
+def m003_versions(db: sqlite_utils.Database) -> None:
+    """Messages form a tree of versions (issue 13): each has a parent, each conversation a selected leaf.
+
+    Existing conversations become one path: each message's parent is the one before it (by seq), and
+    the leaf is the last one.
+    """
+    db.table("messages").add_column("parent_id", int)
+    db.table("conversations").add_column("leaf_id", int)
+    db.execute("""UPDATE messages SET parent_id = (SELECT m.id FROM messages AS m
+        WHERE m.conversation_id = messages.conversation_id AND m.seq < messages.seq ORDER BY m.seq DESC LIMIT 1)""")
+    db.execute("""UPDATE conversations SET leaf_id = (SELECT m.id FROM messages AS m
+        WHERE m.conversation_id = conversations.id ORDER BY m.seq DESC LIMIT 1)""")
+    db.table("messages").create_index(["conversation_id", "parent_id"])
+
+
 def migrate(db: sqlite_utils.Database) -> list[str]:
     """Apply the migrations not yet recorded in `_migrations`, in order; return their names."""
     records = db.table("_migrations")
@@ -117,29 +129,6 @@ def _clean_title(title: str) -> str:
     return cleaned
 
 
-def _valid_sha(sha: object) -> str:
-    # fullmatch on a str: "../x", uppercase, or a trailing newline all fail here, so
-    # nothing but 64 lowercase hex digits ever reaches a file path.
-    if not isinstance(sha, str) or not _SHA_RE.fullmatch(sha):
-        raise NotFound(f"image {sha!r}")
-    return sha
-
-
-def _dumps(value: dict | None) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise TypeError(f"expected a dict, got {type(value).__name__}")
-    return json.dumps(value, ensure_ascii=False)
-
-
-def _decoded(row: dict, *columns: str) -> dict:
-    for column in columns:
-        if row[column] is not None:
-            row[column] = json.loads(row[column])
-    return row
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
     # Temp file in the same directory so os.replace is a rename within one filesystem:
     # a reader sees no file or the whole file, never a torn one.
@@ -161,8 +150,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
             os.close(dir_fd)
 
 
-class Store:
-    """Conversations, messages and content-addressed images under one data directory."""
+class Store(MessagesMixin):
+    """Conversations, messages and content-addressed images under one data directory.
+
+    Messages, their versions and search are in `chat.store_messages.MessagesMixin`.
+    """
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = Path(data_dir)
@@ -235,7 +227,7 @@ class Store:
         """The images row for a sha: sha256, bytes, width, height, mime, path, created."""
         with self._lock:
             try:
-                return self.db.table("images").get(_valid_sha(sha))
+                return self.db.table("images").get(valid_sha(sha))
             except NotFoundError:
                 raise NotFound(f"image {sha}") from None
 
@@ -293,7 +285,7 @@ class Store:
             raise ValueError("mode must be a non-empty string")
         conv_id = uuid.uuid4().hex
         row = {"id": conv_id, "owner": owner, "title": _clean_title(title), "mode": mode,
-               "settings": _dumps(settings or {})}
+               "settings": dumps(settings or {})}
         with self._lock:
             row["created"] = row["updated"] = self._stamp()
             self.db.table("conversations").insert(row)
@@ -310,8 +302,8 @@ class Store:
         """One conversation: id, title, mode, settings, created, updated."""
         with self._lock:
             row = self._conversation(owner, conv_id)
-        del row["owner"]
-        return _decoded(row, "settings")
+        del row["owner"], row["leaf_id"]
+        return decoded(row, "settings")
 
     def rename_conversation(self, owner: str, conv_id: str, title: str) -> None:
         """Set a conversation's title (whitespace collapsed, at most 120 characters)."""
@@ -325,7 +317,7 @@ class Store:
         """Change a conversation's mode and/or replace its settings wholesale."""
         if mode is not None and (not isinstance(mode, str) or not mode):
             raise ValueError("mode must be a non-empty string")
-        updates = {"mode": mode, "settings": _dumps(settings)}
+        updates = {"mode": mode, "settings": dumps(settings)}
         updates = {key: value for key, value in updates.items() if value is not None}
         with self._lock:
             self._conversation(owner, conv_id)
@@ -338,84 +330,6 @@ class Store:
             self._conversation(owner, conv_id)
             self.db.execute("DELETE FROM messages WHERE conversation_id = ?", [conv_id])
             self.db.execute("DELETE FROM conversations WHERE id = ?", [conv_id])
-
-    # Messages ----------------------------------------------------------------------
-
-    def add_message(self, owner: str, conv_id: str, *, role: str, text: str,
-                    image_ids: Sequence[str] = (), status: str = "complete",
-                    mode: str | None = None, settings: dict | None = None,
-                    usage: dict | None = None, image_names: Sequence[str] = ()) -> int:
-        """Append a message to the owner's conversation and return its id (`image_names`: the files' names)."""
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}")
-        if status not in STATUSES:
-            raise ValueError(f"status must be one of {STATUSES}")
-        if not isinstance(text, str):
-            raise TypeError("text must be a string")
-        if isinstance(image_ids, str):  # a lone sha would be read as 64 one-letter ids
-            raise TypeError("image_ids must be a sequence of sha256 strings")
-        image_ids = [_valid_sha(sha) for sha in image_ids]
-        row = {"conversation_id": conv_id, "role": role, "text": text,
-               "image_ids": json.dumps(image_ids), "status": status, "mode": mode,
-               "image_names": json.dumps([str(n)[:255] for n in image_names][:len(image_ids)]),
-               "settings": _dumps(settings), "usage": _dumps(usage)}
-        with self._lock, self.db.atomic():
-            self._conversation(owner, conv_id)
-            for sha in set(image_ids):
-                if not self.db.table("images").count_where("sha256 = ?", [sha]):
-                    raise NotFound(f"image {sha}")
-            # No retry loop needed: under the lock this read-then-insert has no rival
-            # writer, and the unique (conversation_id, seq) index would catch one.
-            row["seq"] = self.db.execute(
-                "SELECT coalesce(max(seq), -1) + 1 FROM messages WHERE conversation_id = ?",
-                [conv_id]).fetchone()[0]
-            row["created"] = self._stamp()
-            messages = self.db.table("messages").insert(row)
-            self.db.execute("UPDATE conversations SET updated = ? WHERE id = ?",
-                            [row["created"], conv_id])
-        return int(messages.last_pk)
-
-    def update_message(self, message_id: int, *, text: str | None = None,
-                       status: str | None = None, usage: dict | None = None) -> None:
-        """Server-side update of a message's text, status or usage (no owner check)."""
-        if status is not None and status not in STATUSES:
-            raise ValueError(f"status must be one of {STATUSES}")
-        if text is not None and not isinstance(text, str):
-            raise TypeError("text must be a string")
-        updates = {"text": text, "status": status, "usage": _dumps(usage)}
-        updates = {key: value for key, value in updates.items() if value is not None}
-        with self._lock:
-            try:
-                self.db.table("messages").update(message_id, updates)
-            except NotFoundError:
-                raise NotFound(f"message {message_id!r}") from None
-
-    def messages(self, owner: str, conv_id: str) -> list[dict]:
-        """The conversation's messages in seq order."""
-        with self._lock:
-            self._conversation(owner, conv_id)
-            rows = self.db.table("messages").rows_where(
-                "conversation_id = ?", [conv_id], select=_MESSAGE_COLUMNS, order_by="seq")
-            return [_decoded(row, "image_ids", "image_names", "settings", "usage") for row in rows]
-
-    def delete_message(self, owner: str, message_id: int) -> None:
-        """Delete one of the owner's messages."""
-        deleted = 0
-        if type(message_id) is int:
-            with self._lock:
-                # One statement checks the owner and deletes, so nothing runs between.
-                deleted = self.db.execute(
-                    "DELETE FROM messages WHERE id = ? AND conversation_id IN"
-                    " (SELECT id FROM conversations WHERE owner = ?)",
-                    [message_id, owner]).rowcount
-        if not deleted:
-            raise NotFound(f"message {message_id!r}")
-
-    def recover_interrupted(self) -> int:
-        """Turn messages left "pending" by a dead server into "interrupted"; return how many."""
-        with self._lock:
-            return self.db.execute(
-                "UPDATE messages SET status = 'interrupted' WHERE status = 'pending'").rowcount
 
     def applied_migrations(self) -> list[str]:
         """Names of the applied migrations, in the order they were applied."""

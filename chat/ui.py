@@ -334,7 +334,7 @@ def send(ctx: Ctx, conv_id, box, mode, temperature, top_p, max_new_tokens, syste
 
 def regenerate(ctx: Ctx, conv_id, mode, temperature, top_p, max_new_tokens, system,
                request: gr.Request) -> Iterator[tuple]:
-    """Answer the last user message again (the previous answer is replaced once the new one is accepted)."""
+    """Answer the last user message again: a new version of the answer (the earlier ones stay, chat.versions)."""
     owner = owner_of(request)
     session = request.session_hash
     token = view_token(ctx, session)
@@ -350,22 +350,21 @@ def regenerate(ctx: Ctx, conv_id, mode, temperature, top_p, max_new_tokens, syst
     check_ready(ctx)
     with ctx.lock:
         live = ctx.running.get(conv_id)
-    if live is not None:  # the answer still streaming is the one being replaced: end it first
+    if live is not None:  # the answer still streaming ends first (it stays, as a stopped version)
         live.cancel()
         live.wait(10)
         rows = ctx.store.messages(owner, conv_id)
-    replaced = []
     while rows and rows[-1]["role"] == "assistant":
-        replaced.append(rows.pop()["id"])
+        rows.pop()
+    if not rows or rows[-1]["role"] != "user":
+        raise Notice("Nothing to regenerate yet.")
     settings = _turn_settings(temperature, top_p, max_new_tokens, system)
     m = mode_for(mode)
     turn = Turn(ctx, owner)
     handle = _submit(ctx, owner, conv_id, rows, settings, m.key, turn)
-    try:
-        for message_id in replaced:
-            ctx.store.delete_message(owner, message_id)
+    try:  # a sibling of the answers so far (issue 13: versions)
         answer_id = ctx.store.add_message(owner, conv_id, role="assistant", text="", status="pending", mode=m.key,
-                                          settings=settings)
+                                          settings=settings, parent_id=rows[-1]["id"])
     except NotFound:
         handle.cancel()
         raise Notice("That conversation no longer exists.") from None

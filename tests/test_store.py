@@ -25,7 +25,7 @@ def image_files(data_dir):
 
 def test_migrations_on_blank_database(tmp_path):
     store = Store(tmp_path / "data")
-    assert store.applied_migrations() == ["m001_initial", "m002_image_names"]
+    assert store.applied_migrations() == ["m001_initial", "m002_image_names", "m003_versions"]
     assert set(store.db.table_names()) >= {"_migrations", "conversations", "messages", "images"}
     assert (tmp_path / "data" / "images").is_dir()
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -43,8 +43,8 @@ def test_reopen_applies_nothing_and_keeps_data(tmp_path):
 
     again = Store(tmp_path)
     rows = list(again.db.query("SELECT name FROM _migrations"))
-    assert [r["name"] for r in rows] == ["m001_initial", "m002_image_names"]
-    assert again.applied_migrations() == ["m001_initial", "m002_image_names"]
+    assert [r["name"] for r in rows] == ["m001_initial", "m002_image_names", "m003_versions"]
+    assert again.applied_migrations() == ["m001_initial", "m002_image_names", "m003_versions"]
     assert again.get_conversation("alice", conv)["title"] == "kept"
     assert [m["text"] for m in again.messages("alice", conv)] == ["hello"]
     again.close()
@@ -77,8 +77,8 @@ def test_round_trip_with_two_images(store):
     assert msgs[2]["id"] == reply
     assert msgs[2]["status"] == "complete" and msgs[2]["text"] == "one is a cat"
     assert msgs[2]["usage"] == {"prompt_tokens": 900, "completion_tokens": 4}
-    assert set(msgs[0]) == {"id", "seq", "role", "text", "image_ids", "image_names", "status", "mode",
-                            "settings", "usage", "created"}
+    assert set(msgs[0]) == {"id", "seq", "parent_id", "role", "text", "image_ids", "image_names", "status",
+                            "mode", "settings", "usage", "created", "version", "versions"}
     assert store.image_bytes(b) == JPEG
     assert store.image_path(b).name == f"{b}.jpg"
     assert store.image_row(a)["width"] == 10 and store.image_row(a)["height"] == 20
@@ -317,7 +317,7 @@ def test_image_names_kept_and_old_databases_upgraded(tmp_path):
     db.commit()
     db.close()
     store = Store(data)
-    assert store.applied_migrations()[-1] == "m002_image_names"
+    assert store.applied_migrations()[-1] == "m003_versions"
     assert store.messages("alice", "c1")[0]["image_names"] is None
     sha = store.put_image(PNG, mime="image/png", width=10, height=20)
     store.add_message("alice", "c1", role="user", text="now", image_ids=[sha], image_names=["street.png"])

@@ -151,7 +151,7 @@ def test_open_rename_delete_and_list_order(ctx):
     assert [c[1] for c in ui.on_load(ctx, Req())[0]["choices"]] == [second]
 
 
-def test_regenerate_replaces_the_last_answer(ctx):
+def test_regenerate_adds_a_version_of_the_last_answer(ctx):
     conv_id = send(ctx, None, "question")[0][0]
     owner = OWNER
     old = ctx.store.messages(owner, conv_id)[-1]
@@ -159,6 +159,10 @@ def test_regenerate_replaces_the_last_answer(ctx):
     rows = ctx.store.messages(owner, conv_id)
     assert [r["role"] for r in rows] == ["user", "assistant"]
     assert rows[-1]["id"] != old["id"] and rows[-1]["status"] == "complete"
+    # The earlier answer is kept as version 1 of 2 (issue 13), the new one is shown.
+    assert (rows[-1]["version"], rows[-1]["versions"]) == (2, 2)
+    tree, _ = ctx.store.message_tree(owner, conv_id)
+    assert [r["id"] for r in tree] == [rows[0]["id"], old["id"], rows[-1]["id"]]
 
 
 def test_stop_button_marks_the_answer_stopped(ctx):
@@ -298,7 +302,7 @@ def test_preview_refuses_what_sending_would_refuse(ctx, tmp_path):
         send(ctx, None, "look", [path])
 
 
-def test_regenerate_while_streaming_replaces_the_live_answer(ctx):
+def test_regenerate_while_streaming_keeps_the_live_answer_as_a_version(ctx):
     req = Req(session="tab-3")
     gen = ui.send(ctx, None, {"text": "go on", "files": []}, "general", 0.0, 0.9, 4000, "", "auto", req)
     conv_id = next(gen)[0]
@@ -308,3 +312,6 @@ def test_regenerate_while_streaming_replaces_the_live_answer(ctx):
     rows = ctx.store.messages(OWNER, conv_id)
     assert [r["role"] for r in rows] == ["user", "assistant"]
     assert rows[-1]["status"] == "complete" and rows[-1]["usage"]["completion_tokens"] == 16
+    # The answer that was streaming stays as the earlier version, stopped.
+    tree, _ = ctx.store.message_tree(OWNER, conv_id)
+    assert [r["status"] for r in tree] == ["complete", "stopped", "complete"] and rows[-1]["versions"] == 2
