@@ -21,8 +21,10 @@ from chat.notices import Notice
 from chat.ui import (
     PLACEHOLDER,
     Ctx,
+    ask_delete,
     change_mode,
     delete,
+    hide_confirm,
     loading_tick,
     max_message_chars,
     new_chat,
@@ -32,6 +34,7 @@ from chat.ui import (
     preview,
     regenerate,
     rename,
+    restore_settings,
     send,
     stop,
 )
@@ -86,9 +89,10 @@ def mount_options(ctx: Ctx) -> dict:
     # prefs.js: choices kept in the browser (mode, high contrast). camera.js: describe a photo, camera.
     # keys.js: keyboard shortcuts and their dialog, moving between messages.
     # They share `window.vlchat` (each adds its own functions to it).
-    scripts = ("page.js", "announce.js", "a11y.js", "prefs.js", "camera.js", "keys.js")
+    # theme.js (issue 13, ux): the light/dark/system choice. ux.js/.css: send turns into Stop, Delete asks first.
+    scripts = ("page.js", "announce.js", "a11y.js", "prefs.js", "camera.js", "keys.js", "theme.js", "ux.js")
     return {"head": "".join(f"<script>{(ASSETS / name).read_text()}</script>" for name in scripts),
-            "css": "\n".join((ASSETS / name).read_text() for name in ("page.css", "a11y.css"))}
+            "css": "\n".join((ASSETS / name).read_text() for name in ("page.css", "a11y.css", "ux.css"))}
 
 
 def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
@@ -111,6 +115,13 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
             with gr.Row():
                 rename_btn = gr.Button("Rename", size="sm", elem_id="rename")
                 delete_btn = gr.Button("Delete", size="sm", variant="stop", elem_id="delete")
+            # -- issue 13 (ux): Delete asks first (assets/ux.js moves the focus here and back) --
+            with gr.Column(visible=False, elem_id="delete-confirm") as confirm_box:
+                confirm_text = gr.Markdown("", elem_id="delete-confirm-text", sanitize_html=True)
+                with gr.Row():
+                    confirm_yes = gr.Button("Delete", size="sm", variant="stop", elem_id="delete-confirm-yes")
+                    confirm_no = gr.Button("Cancel", size="sm", elem_id="delete-confirm-no")
+            # -- end issue 13 (ux) --
         mode = gr.Radio(mode_choices, value=default.key, label="Mode", elem_id="mode")
         # Messages arrive as HTML rendered on the server with raw HTML escaped (chat.render):
         # the browser must not run them through Markdown again.
@@ -138,6 +149,7 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
             # Long pastes stay text (turned into a file they would be refused as "not an image"), so
             # one over the limit gets the notice that says how long it is and what the limit is.
             max_plain_text_length=10 * max_message_chars(ctx),
+            stop_btn=True,  # issue 13 (ux): the send button turns into Stop while the box's answer streams
         )
         with gr.Row(elem_id="describe-row"):
             # Opens the file picker (on phones it offers the camera too) and sends the photo at once with the
@@ -198,13 +210,25 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
                         concurrency_limit=None, **PRIVATE).then(**follow)
         # No `cancels=`: the engine ends the answer and the streaming handler shows it as stopped.
         stop_btn.click(bind(stop, ctx), None, [status], **PRIVATE)
+        box.stop(bind(stop, ctx), None, [status], **PRIVATE)  # issue 13 (ux): the box's own Stop button
         dismiss.click(notices.hidden, None, note, show_progress="hidden", **PRIVATE)
         new_btn.click(bind(new_chat, ctx, len(cleared)), None, [*cleared, *note], **PRIVATE).then(**follow)
         conv_list.input(bind(open_conversation, ctx, 4), [conv_list], [conv_id, chatbot, title, mode, *note],
                         **PRIVATE).then(**follow)
+        # -- issue 13 (ux): a reopened conversation's settings come back; Delete asks first --
+        conv_list.input(bind(restore_settings, ctx), [conv_list], [temperature, top_p, max_new, system, detail],
+                        show_progress="hidden", **PRIVATE)
+        # The confirmation names what was on screen: it goes when the page shows something else.
+        new_btn.click(hide_confirm, None, [confirm_box], show_progress="hidden", **PRIVATE)
+        conv_list.input(hide_confirm, None, [confirm_box], show_progress="hidden", **PRIVATE)
+        delete_btn.click(bind(ask_delete, ctx, 2), [conv_id], [confirm_box, confirm_text, *note],
+                         show_progress="hidden", **PRIVATE)
+        confirm_no.click(hide_confirm, None, [confirm_box], show_progress="hidden", **PRIVATE)
+        confirm_yes.click(hide_confirm, None, [confirm_box], show_progress="hidden", **PRIVATE)
+        confirm_yes.click(bind(delete, ctx, len(cleared)), [conv_id], [*cleared, *note], **PRIVATE).then(**follow)
+        # -- end issue 13 (ux) --
         rename_btn.click(bind(rename, ctx, 2), [conv_id, title], [conv_list, status, *note], **PRIVATE)
         title.submit(bind(rename, ctx, 2), [conv_id, title], [conv_list, status, *note], **PRIVATE)
-        delete_btn.click(bind(delete, ctx, len(cleared)), [conv_id], [*cleared, *note], **PRIVATE).then(**follow)
         mode.input(bind(change_mode, ctx, 2), [conv_id, mode], [temperature, max_new, *note], **PRIVATE).then(**follow)
         demo.unload(bind(page_closed, ctx))
     return demo

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from markdown_it import MarkdownIt
 
+from chat.stats import with_details
 from chat.store import NotFound, Store
 
 STATUS_NOTE = {"stopped": "⏹ Stopped.", "interrupted": "⚠ Interrupted (the server restarted).", "pending": "…"}
@@ -133,8 +134,8 @@ def chat_history(store: Store, rows: list[dict]) -> list[dict]:
             out.append({"role": "user", "content": content})
         elif row["role"] == "assistant":
             usage = row.get("usage") or {}
-            out.append({"role": "assistant",
-                        "content": answer_content(row["text"], row["status"], usage.get("error", ""))})
+            content = answer_content(row["text"], row["status"], usage.get("error", ""))
+            out.append({"role": "assistant", "content": with_details(content, usage)})  # chat.stats (issue 13)
         if out and row["role"] in ("user", "assistant"):
             _mark_version(out[-1], row)
     return out

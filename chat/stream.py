@@ -26,6 +26,7 @@ import gradio as gr
 from chat.engine.types import Delta, Done, Failed
 from chat.notices import Notice
 from chat.render import answer_content
+from chat.stats import timing, with_details
 from chat.store import NotFound
 
 if TYPE_CHECKING:
@@ -115,6 +116,11 @@ class Turn:
         self.final: Done | Failed | None = None
         self.handle = None
         self._lock = threading.Lock()
+        # Per-answer details (chat.stats): the Turn is made just before the request is submitted; `stream`
+        # stamps the first text it sees. The Done's usage is stored with these timings.
+        self.started = time.monotonic()
+        self.first_at: float | None = None
+        self.usage: dict | None = None
 
     def attach(self, conv_id: str, answer_id: int, question_id: int | None = None,
                image_ids: list[str] | None = None, handle=None) -> None:
@@ -144,6 +150,19 @@ class Turn:
                 except NotFound:
                     pass
 
+    def seen_done(self, event: Done) -> dict:
+        """The stream saw the Done: its timings (first text seen -> end seen) are the ones stored and shown."""
+        with self._lock:
+            usage = {**event.usage.as_dict(), **timing(self.started, self.first_at, time.monotonic(),
+                                                       event.usage.completion_tokens)}
+            if usage != self.usage and self.answer_id is not None:
+                try:
+                    self.ctx.store.update_message(self.answer_id, usage=usage)
+                except NotFound:
+                    pass
+            self.usage = usage
+            return usage
+
     def _record(self, event: Done | Failed) -> None:
         store = self.ctx.store
         with self.ctx.lock:
@@ -152,7 +171,9 @@ class Turn:
         try:
             if isinstance(event, Done):
                 status = "stopped" if event.finish_reason == "cancelled" else "complete"
-                store.update_message(self.answer_id, text=event.text, status=status, usage=event.usage.as_dict())
+                self.usage = {**event.usage.as_dict(), **timing(self.started, self.first_at, time.monotonic(),
+                                                                event.usage.completion_tokens)}
+                store.update_message(self.answer_id, text=event.text, status=status, usage=self.usage)
             elif event.code == "context_length_exceeded":  # refused: the question goes back to the box
                 for message_id in (self.answer_id, self.question_id):
                     if message_id is not None:
@@ -245,6 +266,8 @@ def stream(ctx: Ctx, turn: Turn, handle, session: str, token: int, history: list
                     if said != "Answering…" and event.text:
                         said = "Answering…"
                         yield skip, skip, skip, skip, said, skip
+                    if event.text and turn.first_at is None:
+                        turn.first_at = time.monotonic()
                     text += event.text
                     if time.monotonic() - saved_at > PROGRESS_SAVE_SECONDS:
                         turn.save_progress(text)
@@ -255,7 +278,8 @@ def stream(ctx: Ctx, turn: Turn, handle, session: str, token: int, history: list
                     yield skip, history, skip, skip, skip, skip
             elif isinstance(event, Done):
                 status = "stopped" if event.finish_reason == "cancelled" else "complete"
-                history[-1] = {"role": "assistant", "content": answer_content(event.text, status)}
+                usage = turn.seen_done(event)
+                history[-1] = {"role": "assistant", "content": with_details(answer_content(event.text, status), usage)}
                 yield skip, history, skip, skip, _done_note(event), skip
             elif event.code == "context_length_exceeded":
                 # Refused after the question was stored (and shown): both are gone again.

@@ -81,7 +81,8 @@ def test_send_stores_question_and_answer_and_streams(ctx, tmp_path):
     assert rows[0]["text"] == "What is this?" and len(rows[0]["image_ids"]) == 1
     assert rows[1]["status"] == "complete" and rows[1]["usage"]["completion_tokens"] == 1500
     history = updates[-1][1]
-    assert text_of(history[-1]) == message_html(rows[1]["text"])
+    # The answer, then its collapsed details (chat.stats, issue 13).
+    assert text_of(history[-1]).split("\n<details", 1)[0] == message_html(rows[1]["text"])
     assert len(updates) > 3  # streamed in several updates, not one
     assert updates[0][5] == "What is this?"  # the title box shows the new title
     # The image is shown inline from the store, by content hash.
