@@ -15,7 +15,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from chat import describe, notices
+from chat import describe, history_io, notices, search, versions  # history_io, search, versions: issue 13
 from chat.conversation import DEFAULT_MODE, MODES
 from chat.notices import Notice
 from chat.ui import (
@@ -110,6 +110,11 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
             )
         with gr.Sidebar(label="Conversations", position="left"):
             new_btn = gr.Button("New chat", variant="primary", elem_id="new-chat")
+            # -- issue 13 (history): search the conversations (chat.search) --
+            search_box = gr.Textbox(label="Search conversations", elem_id="search", max_lines=1,
+                                    placeholder="Words in a title or a message")
+            search_line = gr.Markdown("", elem_id="search-results", container=False)
+            # -- end issue 13 (history) --
             conv_list = gr.Radio(label="Conversations", choices=[], elem_id="conversation-list")
             title = gr.Textbox(label="Title", elem_id="title", max_lines=1)
             with gr.Row():
@@ -122,6 +127,16 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
                     confirm_yes = gr.Button("Delete", size="sm", variant="stop", elem_id="delete-confirm-yes")
                     confirm_no = gr.Button("Cancel", size="sm", elem_id="delete-confirm-no")
             # -- end issue 13 (ux) --
+            # -- issue 13 (history): export (ZIP of Markdown + images, JSON) and import (chat.history_io) --
+            with gr.Accordion("Export or import", open=False, elem_id="export-import"):
+                export_btn = gr.Button("Export this conversation", size="sm", elem_id="export")
+                export_zip = gr.DownloadButton("Download Markdown with images (.zip)", size="sm", visible=False,
+                                               elem_id="export-zip")
+                export_json = gr.DownloadButton("Download JSON (every version)", size="sm", visible=False,
+                                                elem_id="export-json")
+                import_btn = gr.UploadButton("Import a conversation (.json)", size="sm", file_types=[".json"],
+                                             file_count="single", type="filepath", elem_id="import")
+            # -- end issue 13 (history) --
         mode = gr.Radio(mode_choices, value=default.key, label="Mode", elem_id="mode")
         # Messages arrive as HTML rendered on the server with raw HTML escaped (chat.render):
         # the browser must not run them through Markdown again.
@@ -167,6 +182,16 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
         with gr.Row():
             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
             regen_btn = gr.Button("Regenerate", elem_id="regenerate")
+        # -- issue 13 (history): edit a question, page through versions (chat.versions) --
+        with gr.Accordion("Edit and versions", open=False, elem_id="versions"):
+            version_target = gr.Dropdown(label="Message", choices=[], elem_id="version-message")
+            version_line = gr.Markdown("", elem_id="version-line")
+            with gr.Row():
+                prev_btn = gr.Button("Previous version", size="sm", interactive=False, elem_id="version-prev")
+                next_btn = gr.Button("Next version", size="sm", interactive=False, elem_id="version-next")
+            edit_text = gr.Textbox(label="Edited question", lines=3, visible=False, elem_id="edit-text")
+            edit_btn = gr.Button("Send edited question", variant="primary", visible=False, elem_id="edit-send")
+        # -- end issue 13 (history) --
         with gr.Accordion("Settings", open=False, elem_id="settings"):
             temperature = gr.Slider(0.0, 2.0, value=default.temperature, step=0.05, label="Temperature",
                                     elem_id="temperature")
@@ -230,5 +255,25 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
         rename_btn.click(bind(rename, ctx, 2), [conv_id, title], [conv_list, status, *note], **PRIVATE)
         title.submit(bind(rename, ctx, 2), [conv_id, title], [conv_list, status, *note], **PRIVATE)
         mode.input(bind(change_mode, ctx, 2), [conv_id, mode], [temperature, max_new, *note], **PRIVATE).then(**follow)
+        # -- issue 13 (history): versions panel, edit, search, export and import --
+        version_outs = [version_target, version_line, prev_btn, next_btn, edit_text, edit_btn]
+        chatbot.change(bind(versions.panel, ctx), [conv_id, version_target], version_outs, trigger_mode="always_last",
+                       show_progress="hidden", **PRIVATE)
+        version_target.input(bind(versions.choose, ctx), [conv_id, version_target], version_outs,
+                             show_progress="hidden", **PRIVATE)
+        for btn, fn in ((prev_btn, versions.previous_version), (next_btn, versions.next_version)):
+            btn.click(bind(fn, ctx, 1 + len(version_outs)), [conv_id, version_target], [chatbot, *version_outs, *note],
+                      show_progress="hidden", **PRIVATE).then(**follow)
+        edit_btn.click(bind(versions.edit, ctx, len(outputs)), [conv_id, version_target, edit_text, *sampling],
+                       [*outputs, *note], concurrency_limit=None, **PRIVATE).then(**follow)
+        for event in (search_box.input, search_box.submit):
+            event(bind(search.search, ctx), [search_box, conv_id], [conv_list, search_line], show_progress="hidden",
+                  trigger_mode="always_last", **PRIVATE)
+        export_btn.click(bind(history_io.export, ctx, 3), [conv_id], [export_zip, export_json, status, *note],
+                         **PRIVATE)
+        conv_id.change(history_io.hide_downloads, None, [export_zip, export_json], show_progress="hidden", **PRIVATE)
+        import_btn.upload(bind(history_io.import_conversation, ctx, 6), [import_btn],
+                          [conv_id, chatbot, title, mode, conv_list, status, *note], **PRIVATE).then(**follow)
+        # -- end issue 13 (history) --
         demo.unload(bind(page_closed, ctx))
     return demo

@@ -110,8 +110,14 @@ def is_image(head: bytes) -> bool:
     return head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
+def is_json_object(name: str | None, head: bytes) -> bool:
+    """A .json file that starts as a JSON object: "Import a conversation" (chat.history_io checks the rest)."""
+    return (name or "").lower().endswith(".json") and head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{")
+
+
 class UploadFilter:
-    """Lets only images into Gradio's upload cache: POST /gradio_api/upload is buffered, checked, replayed.
+    """Lets only images (and .json objects, for imports) into Gradio's upload cache: POST /gradio_api/upload is
+    buffered, checked, replayed.
 
     Over `limit` bytes: 413. A part that is not a PNG, JPEG, WebP, GIF or BMP by its content (not
     its name): 415, and Gradio never sees the request.
@@ -184,7 +190,7 @@ class UploadFilter:
                 if isinstance(value, str):
                     continue
                 head = await value.read(16)
-                if not is_image(head):
+                if not is_image(head) and not is_json_object(value.filename, head):
                     name = (value.filename or "file")[:80]
                     return f"{name} is not an image: only PNG, JPEG, WebP, GIF and BMP files can be attached."
         finally:
