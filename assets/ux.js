@@ -13,9 +13,8 @@
   let confirmOpen = false;
   let confirmed = false;
   const watchConfirm = () => {
-    const box = document.getElementById("delete-confirm");
-    if (!box) return;
-    if (box.getAttribute("role") !== "alertdialog") {
+    const box = document.getElementById("delete-confirm"); // Gradio may take it out of the page when hidden
+    if (box && box.getAttribute("role") !== "alertdialog") {
       box.setAttribute("role", "alertdialog");
       box.setAttribute("aria-labelledby", "delete-confirm-text");
     }
@@ -30,7 +29,7 @@
     }
     // Closed: the focus was inside (now hidden) or nowhere. Back to Delete, or the box after a deletion.
     const active = document.activeElement;
-    if (active && active !== document.body && !box.contains(active)) return;
+    if (active && active !== document.body && active.isConnected && !(box && box.contains(active))) return;
     const target = confirmed ? document.querySelector("#input textarea") : document.getElementById("delete");
     if (target) target.focus();
   };
