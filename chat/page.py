@@ -184,7 +184,10 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
             regen_btn = gr.Button("Regenerate", elem_id="regenerate")
         # -- issue 13 (history): edit a question, page through versions (chat.versions) --
         with gr.Accordion("Edit and versions", open=False, elem_id="versions"):
-            version_target = gr.Dropdown(label="Message", choices=[], elem_id="version-message")
+            # allow_custom_value: the choices follow the chat on every change, and a value from just before is
+            # checked by chat.versions (it must be on the path on screen), not refused by Gradio as "not a choice".
+            version_target = gr.Dropdown(label="Message", choices=[], elem_id="version-message",
+                                         allow_custom_value=True)
             version_line = gr.Markdown("", elem_id="version-line")
             with gr.Row():
                 prev_btn = gr.Button("Previous version", size="sm", interactive=False, elem_id="version-prev")
