@@ -45,6 +45,10 @@ def open_page(browser, server, dark: bool = False):
     page.locator("#random-weights-banner").wait_for()
     page.locator("#input textarea").wait_for()
     page.wait_for_function("() => !document.querySelector('#input textarea').disabled", timeout=60_000)
+    # The describe buttons turn on just after the box (their own event), fading in: axe must not catch
+    # them half-faded (a contrast it would measure mid-transition).
+    page.wait_for_function("() => !document.querySelector('#describe-photo').disabled", timeout=30_000)
+    page.wait_for_timeout(400)
     return context, page
 
 
