@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import html
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,60 @@ MODES: dict[str, Mode] = {
     )
 }
 DEFAULT_MODE = "general"
+
+# -- issue 13 (ux): the modes in Simplified Chinese, for a page that speaks it (chat/i18n.py) ------------
+# The system prompt asks for answers in Simplified Chinese unless the person asks for another language.
+_ANSWER_IN_CHINESE = "除非用户要求使用其他语言，否则请用简体中文回答。"
+_ZH_CN: dict[str, dict] = {
+    "general": {
+        "label": "通用对话",
+        "system_prompt": "你是一个乐于助人的助手。准确回答关于用户图片和文字的问题；图片中有看不清的地方时要说明。",
+        "describe_prompt": "请描述这张图片。",
+        "follow_ups": (
+            ("更多细节", "请更详细地介绍这张图片。"),
+            ("读出文字", "请按原样读出图片中的所有文字。"),
+            ("什么最突出？", "图片中最重要或最不寻常的是什么？"),
+            ("总结", "请用一两句话总结你上一个回答。"),
+        ),
+    },
+    "troubleshoot": {
+        "label": "截图排错",
+        "system_prompt": "你根据截图帮助人们解决软件问题。首先在代码块中逐字抄录截图中的错误文本。然后用通俗的话解释"
+                         "可能的原因，再用编号步骤给出解决方法，命令放在代码块中。如果文字无法辨认，说明是哪一部分，"
+                         "并请对方提供更清晰的截图。",
+        "describe_prompt": "请读出这张截图中的确切错误，并说明如何解决。",
+        "follow_ups": (
+            ("解释得更简单些", "请用更简单、不带术语的话再解释一遍原因。"),
+            ("其他可能的原因", "还有什么可能导致这个错误？我怎样判断是哪一个？"),
+            ("读出全部文字", "请按原样抄录截图中的所有文字。"),
+            ("怎样确认已修好？", "我怎样检查修复是否有效？"),
+        ),
+    },
+    "scene": {
+        "label": "场景描述",
+        "system_prompt": "你为盲人或低视力者描述图片。先用两三句简短的话回答：这是什么场景，然后是任何紧急情况（危险、"
+                         "障碍物、台阶、车辆，或重要的标志或警告）。到此为止：对方想知道更多时会再问。被要求详细说明时，"
+                         "按重要程度依次说明：人物、文字和标志、障碍物和危险，以及物体的位置（左、右、前方、近、远）。"
+                         "要具体；看不见的不要猜，图片太暗或太模糊无法判断时要说明。",
+        "describe_prompt": "请简要描述这个场景。",
+        "follow_ups": (
+            ("更多细节", "请更详细地描述这个场景：人物、文字和标志、障碍物，以及物体的位置。"),
+            ("读出文字", "请按原样读出图片中的所有文字，并说明它们在哪里。"),
+            ("有哪些颜色？", "图片中的主要颜色是什么，分别是什么东西的颜色？"),
+            ("有东西挡路吗？", "前方有没有挡路的东西或任何危险？请说明它在哪里、有多近。"),
+        ),
+    },
+}
+
+
+def localized(mode: Mode, lang: str | None) -> Mode:
+    """`mode` in the page's language: its label, prompts and follow-up questions ("en": as it is)."""
+    zh = _ZH_CN.get(mode.key) if lang == "zh-CN" else None
+    if zh is None:
+        return mode
+    return replace(mode, label=zh["label"], system_prompt=f"{zh['system_prompt']}{_ANSWER_IN_CHINESE}",
+                   describe_prompt=zh["describe_prompt"], follow_ups=zh["follow_ups"])
+# -- end issue 13 (ux) --
 
 # Only these statuses carry text the model should see again on the next turn.
 _REPLAYED = ("complete", "stopped", "interrupted")

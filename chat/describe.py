@@ -17,7 +17,8 @@ from collections.abc import Iterator
 import gradio as gr
 
 from chat import ui
-from chat.conversation import MODES, mode_for
+from chat.conversation import MODES, localized, mode_for
+from chat.i18n import lang_of
 from chat.notices import Notice
 from chat.store import NotFound
 
@@ -70,8 +71,9 @@ def describe(ctx: ui.Ctx, conv_id, photo, mode, temperature, top_p, max_new_toke
 
 def question_for(mode: str | None, label: str | None) -> str | None:
     """The question a follow-up button sends: its mode's first, then any mode's (the mode just changed)."""
+    # Issue 13 (ux): a button shows its label in the page's language; either language's label is known.
     for m in (mode_for(mode), *MODES.values()):
-        for shown, question in m.follow_ups:
+        for shown, question in (*m.follow_ups, *localized(m, "zh-CN").follow_ups):
             if shown == label:
                 return question
     return None
@@ -104,7 +106,7 @@ def has_answer(ctx: ui.Ctx, conv_id: str | None, request: gr.Request) -> bool:
 
 def follow_ups(ctx: ui.Ctx, conv_id, mode, request: gr.Request) -> tuple:
     """The follow-up row and its buttons: the mode's questions, shown once the conversation has an answer."""
-    m = mode_for(mode)
+    m = localized(mode_for(mode), lang_of(request))  # issue 13 (ux): labels in the page's language
     shown = has_answer(ctx, conv_id, request)
     buttons = [gr.update(value=m.follow_ups[i][0], visible=True) if i < len(m.follow_ups) else gr.update(visible=False)
                for i in range(MAX_FOLLOW_UPS)]

@@ -17,6 +17,8 @@ import gradio as gr
 
 from chat import describe, history_io, notices, search, versions  # history_io, search, versions: issue 13
 from chat.conversation import DEFAULT_MODE, MODES
+from chat.i18n import I18N
+from chat.i18n import label as L  # issue 13 (ux): labels translated in the browser (chat/i18n.py)
 from chat.notices import Notice
 from chat.ui import (
     PLACEHOLDER,
@@ -89,15 +91,17 @@ def mount_options(ctx: Ctx) -> dict:
     # prefs.js: choices kept in the browser (mode, high contrast). camera.js: describe a photo, camera.
     # keys.js: keyboard shortcuts and their dialog, moving between messages.
     # They share `window.vlchat` (each adds its own functions to it).
-    # theme.js (issue 13, ux): the light/dark/system choice. ux.js/.css: send turns into Stop, Delete asks first.
-    scripts = ("page.js", "announce.js", "a11y.js", "prefs.js", "camera.js", "keys.js", "theme.js", "ux.js")
+    # i18n.js (issue 13, ux; first): vlchat.t(key) and the language choice. theme.js: light/dark/system.
+    # ux.js/.css: send turns into Stop, Delete asks first.
+    scripts = ("i18n.js", "page.js", "announce.js", "a11y.js", "prefs.js", "camera.js", "keys.js", "theme.js", "ux.js")
     return {"head": "".join(f"<script>{(ASSETS / name).read_text()}</script>" for name in scripts),
-            "css": "\n".join((ASSETS / name).read_text() for name in ("page.css", "a11y.css", "ux.css"))}
+            "css": "\n".join((ASSETS / name).read_text() for name in ("page.css", "a11y.css", "ux.css")),
+            "i18n": I18N}  # issue 13 (ux): English and Simplified Chinese labels (chat/i18n.py)
 
 
 def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
     """The Blocks page."""
-    mode_choices = [(m.label, m.key) for m in MODES.values()]
+    mode_choices = [(L(f"mode.{m.key}"), m.key) for m in MODES.values()]
     default = MODES[DEFAULT_MODE]
     ready = ctx.engine.ready.is_set()
     with gr.Blocks(title="vlchat", fill_height=True, delete_cache=delete_cache) as demo:
@@ -108,24 +112,24 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
                 "⚠ **Test model with random weights.** Answers are noise; everything around them is real.",
                 elem_id="random-weights-banner", elem_classes=["banner"],
             )
-        with gr.Sidebar(label="Conversations", position="left"):
-            new_btn = gr.Button("New chat", variant="primary", elem_id="new-chat")
+        with gr.Sidebar(label=L("conversations"), position="left"):
+            new_btn = gr.Button(L("new_chat"), variant="primary", elem_id="new-chat")
             # -- issue 13 (history): search the conversations (chat.search) --
             search_box = gr.Textbox(label="Search conversations", elem_id="search", max_lines=1,
                                     placeholder="Words in a title or a message")
             search_line = gr.Markdown("", elem_id="search-results", container=False)
             # -- end issue 13 (history) --
-            conv_list = gr.Radio(label="Conversations", choices=[], elem_id="conversation-list")
-            title = gr.Textbox(label="Title", elem_id="title", max_lines=1)
+            conv_list = gr.Radio(label=L("conversations"), choices=[], elem_id="conversation-list")
+            title = gr.Textbox(label=L("title"), elem_id="title", max_lines=1)
             with gr.Row():
-                rename_btn = gr.Button("Rename", size="sm", elem_id="rename")
-                delete_btn = gr.Button("Delete", size="sm", variant="stop", elem_id="delete")
+                rename_btn = gr.Button(L("rename"), size="sm", elem_id="rename")
+                delete_btn = gr.Button(L("delete"), size="sm", variant="stop", elem_id="delete")
             # -- issue 13 (ux): Delete asks first (assets/ux.js moves the focus here and back) --
             with gr.Column(visible=False, elem_id="delete-confirm") as confirm_box:
                 confirm_text = gr.Markdown("", elem_id="delete-confirm-text", sanitize_html=True)
                 with gr.Row():
-                    confirm_yes = gr.Button("Delete", size="sm", variant="stop", elem_id="delete-confirm-yes")
-                    confirm_no = gr.Button("Cancel", size="sm", elem_id="delete-confirm-no")
+                    confirm_yes = gr.Button(L("delete"), size="sm", variant="stop", elem_id="delete-confirm-yes")
+                    confirm_no = gr.Button(L("cancel"), size="sm", elem_id="delete-confirm-no")
             # -- end issue 13 (ux) --
             # -- issue 13 (history): export (ZIP of Markdown + images, JSON) and import (chat.history_io) --
             with gr.Accordion("Export or import", open=False, elem_id="export-import"):
@@ -137,16 +141,16 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
                 import_btn = gr.UploadButton("Import a conversation (.json)", size="sm", file_types=[".json"],
                                              file_count="single", type="filepath", elem_id="import")
             # -- end issue 13 (history) --
-        mode = gr.Radio(mode_choices, value=default.key, label="Mode", elem_id="mode")
+        mode = gr.Radio(mode_choices, value=default.key, label=L("mode"), elem_id="mode")
         # Messages arrive as HTML rendered on the server with raw HTML escaped (chat.render):
         # the browser must not run them through Markdown again.
-        chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=520, buttons=["copy"],
+        chatbot = gr.Chatbot(label=L("conversation"), elem_id="chat", height=520, buttons=["copy"],
                              feedback_options=None,
-                             placeholder="Attach or paste an image and ask about it, or press Describe a photo.",
+                             placeholder=L("chat_placeholder"),
                              render_markdown=False, sanitize_html=True)
         # Follow-up questions (chat.describe): shown once the conversation on screen has an answer.
         with gr.Row(visible=False, elem_id="follow-ups", equal_height=True) as follow_row:
-            gr.Markdown("Ask next:", elem_id="follow-ups-label", container=False, scale=0, min_width=80)
+            gr.Markdown(L("ask_next"), elem_id="follow-ups-label", container=False, scale=0, min_width=80)
             follow_btns = [gr.Button(label, size="sm", elem_id=f"follow-up-{i}", scale=0, min_width=120)
                            for i, (label, _) in enumerate(default.follow_ups)]
             follow_btns += [gr.Button("", size="sm", visible=False, elem_id=f"follow-up-{i}", scale=0, min_width=120)
@@ -155,7 +159,7 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
             # Markdown, not gr.HTML: Gradio 6's HTML component evaluates templates with Function(),
             # which the page's CSP (no 'unsafe-eval') refuses. The text is escaped in chat.notices.
             notice_text = gr.Markdown("", elem_id="notice-text", sanitize_html=True)
-            dismiss = gr.Button("Dismiss", size="sm", elem_id="dismiss-notice")
+            dismiss = gr.Button(L("dismiss"), size="sm", elem_id="dismiss-notice")
         status = gr.Markdown("", elem_id="status", container=False)
         box = gr.MultimodalTextbox(
             file_types=["image"], file_count="multiple", sources=["upload"], elem_id="input",
@@ -169,19 +173,18 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
         with gr.Row(elem_id="describe-row"):
             # Opens the file picker (on phones it offers the camera too) and sends the photo at once with the
             # mode's describe prompt. assets/camera.js adds "Take a photo" next to it.
-            describe_btn = gr.UploadButton("Describe a photo", file_types=["image"], file_count="single",
+            describe_btn = gr.UploadButton(L("describe_photo"), file_types=["image"], file_count="single",
                                            type="filepath", elem_id="describe-photo", scale=0, min_width=220,
                                            interactive=ready)
         timer = gr.Timer(1.0, active=False)
         with gr.Row(equal_height=True):
-            detail = gr.Radio([("Low", "low"), ("Auto", "auto"), ("High", "high")], value="auto",
-                              label="Image detail", elem_id="detail", scale=1,
-                              info="Low: about 256 tokens per image. Auto: screenshots keep their resolution. "
-                                   "High: up to about 4,096 tokens, for dense documents.")
+            detail = gr.Radio([(L(f"detail.{d}"), d) for d in ("low", "auto", "high")], value="auto",
+                              label=L("image_detail"), elem_id="detail", scale=1,
+                              info=L("detail_info"))
             attachments = gr.Markdown("", elem_id="attachments", container=False)
         with gr.Row():
-            stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
-            regen_btn = gr.Button("Regenerate", elem_id="regenerate")
+            stop_btn = gr.Button(L("stop"), variant="stop", elem_id="stop")
+            regen_btn = gr.Button(L("regenerate"), elem_id="regenerate")
         # -- issue 13 (history): edit a question, page through versions (chat.versions) --
         with gr.Accordion("Edit and versions", open=False, elem_id="versions"):
             # allow_custom_value: the choices follow the chat on every change, and a value from just before is
@@ -195,13 +198,13 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
             edit_text = gr.Textbox(label="Edited question", lines=3, visible=False, elem_id="edit-text")
             edit_btn = gr.Button("Send edited question", variant="primary", visible=False, elem_id="edit-send")
         # -- end issue 13 (history) --
-        with gr.Accordion("Settings", open=False, elem_id="settings"):
-            temperature = gr.Slider(0.0, 2.0, value=default.temperature, step=0.05, label="Temperature",
+        with gr.Accordion(L("settings"), open=False, elem_id="settings"):
+            temperature = gr.Slider(0.0, 2.0, value=default.temperature, step=0.05, label=L("temperature"),
                                     elem_id="temperature")
-            top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top p", elem_id="top-p")
+            top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label=L("top_p"), elem_id="top-p")
             max_new = gr.Slider(16, ctx.settings.max_new_tokens_limit, value=default.max_new_tokens, step=16,
-                                label="Max new tokens", elem_id="max-new-tokens")
-            system = gr.Textbox(label="System prompt override (empty: the mode's prompt)", lines=3,
+                                label=L("max_new_tokens"), elem_id="max-new-tokens")
+            system = gr.Textbox(label=L("system_override"), lines=3,
                                 elem_id="system")
 
         note = [notice, notice_text]

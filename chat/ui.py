@@ -25,8 +25,18 @@ from dataclasses import dataclass, field
 import gradio as gr
 
 from chat.config import Settings
-from chat.conversation import attachment_preview, context_used, engine_messages, md_escape, mode_for, title_from
+from chat.conversation import (
+    attachment_preview,
+    context_used,
+    engine_messages,
+    localized,
+    md_escape,
+    mode_for,
+    title_from,
+)
 from chat.engine.types import ChatRequest, EngineError, Failed
+from chat.i18n import lang_of
+from chat.i18n import t as i18n_t
 from chat.images import DEFAULT_DETAIL, DETAILS, plan
 from chat.notices import Notice
 from chat.render import chat_history
@@ -260,9 +270,12 @@ def _turn_settings(temperature, top_p, max_new_tokens, system, detail: str | Non
 
 
 def _submit(ctx: Ctx, owner: str, conv_id: str | None, rows: list[dict], settings: dict, mode: str, turn: Turn,
-            images: dict | None = None):
-    """Hand the conversation to the engine; a refusal (busy, loading, too long) is a Notice, nothing stored."""
-    system = settings["system"].strip() or mode_for(mode).system_prompt
+            images: dict | None = None, lang: str | None = None):
+    """Hand the conversation to the engine; a refusal (busy, loading, too long) is a Notice, nothing stored.
+
+    `lang`: the page's language (chat.i18n); the mode's prompt is in it (issue 13).
+    """
+    system = settings["system"].strip() or localized(mode_for(mode), lang).system_prompt
     params = ctx.settings.clamp_params(settings["temperature"], settings["top_p"], settings["max_new_tokens"])
     request = ChatRequest(engine_messages(rows, system), params, session=conv_id, cache_salt=owner,
                           images=images or {})
@@ -304,14 +317,15 @@ def send(ctx: Ctx, conv_id, box, mode, temperature, top_p, max_new_tokens, syste
                      f"{ctx.settings.max_images_per_conversation}. Start a new chat.")
     images = clean_files(files, ctx.settings)
     names = [name_of(f) for f in files]
-    m = mode_for(mode)
+    lang = lang_of(request)  # issue 13 (ux): the describe and system prompts in the page's language
+    m = localized(mode_for(mode), lang)
     asked = text or m.describe_prompt  # images and no text: the mode's describe prompt (paste + Enter)
     settings = _turn_settings(temperature, top_p, max_new_tokens, system, detail)
     question = {"role": "user", "text": asked, "image_ids": [i.sha256 for i in images], "settings": settings,
                 "status": "complete"}
     turn = Turn(ctx, owner)
     handle = _submit(ctx, owner, conv_id, [*rows, question], settings, m.key, turn,
-                     {i.sha256: i.data for i in images})
+                     {i.sha256: i.data for i in images}, lang=lang)
     try:  # accepted: now it is stored
         ids = [ctx.store.put_image(i.data, mime=i.mime, width=i.width, height=i.height) for i in images]
         if not conv_id:
@@ -361,7 +375,7 @@ def regenerate(ctx: Ctx, conv_id, mode, temperature, top_p, max_new_tokens, syst
     settings = _turn_settings(temperature, top_p, max_new_tokens, system)
     m = mode_for(mode)
     turn = Turn(ctx, owner)
-    handle = _submit(ctx, owner, conv_id, rows, settings, m.key, turn)
+    handle = _submit(ctx, owner, conv_id, rows, settings, m.key, turn, lang=lang_of(request))
     try:  # a sibling of the answers so far (issue 13: versions)
         answer_id = ctx.store.add_message(owner, conv_id, role="assistant", text="", status="pending", mode=m.key,
                                           settings=settings, parent_id=rows[-1]["id"])
@@ -422,7 +436,7 @@ def ask_delete(ctx: Ctx, conv_id: str | None, request: gr.Request):
         conv = ctx.store.get_conversation(owner_of(request), conv_id)
     except NotFound:
         raise Notice("That conversation no longer exists.") from None
-    return gr.update(visible=True), f"**Delete “{md_escape(conv['title'])}”?** Its messages are removed for good."
+    return gr.update(visible=True), i18n_t(lang_of(request), "delete.question", title=md_escape(conv["title"]))
 
 
 def hide_confirm():
