@@ -32,6 +32,11 @@ if [ ! -x /usr/bin/chromium ]; then
     apt_install chromium fonts-dejavu-core
 fi
 
+# node and npm run the Vercel AI SDK against the API (tests/test_api_vercel.py installs it with npm ci).
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    apt_install nodejs npm
+fi
+
 if [ ! -x .venv/bin/python ]; then
     # Debian's python3 cannot make a virtualenv without python3-venv (ensurepip).
     if ! command -v python3 >/dev/null || ! python3 -c "import ensurepip" >/dev/null 2>&1; then
