@@ -3,7 +3,8 @@
 #
 # Works on a bare Debian 12 machine (as root, or with sudo) and reuses whatever is already
 # there, so running it again is quick: installs Debian's chromium (the browser tests drive
-# it; Playwright's own browser downloads are never used) and python3-venv when missing,
+# it; Playwright's own browser downloads are never used), node and npm (a client test) and
+# python3-venv when missing,
 # creates .venv when missing, installs requirements-dev.txt into it, then runs ruff and
 # pytest. CPU only.
 set -euo pipefail
