@@ -197,6 +197,7 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
                 next_btn = gr.Button("Next version", size="sm", interactive=False, elem_id="version-next")
             edit_text = gr.Textbox(label="Edited question", lines=3, visible=False, elem_id="edit-text")
             edit_btn = gr.Button("Send edited question", variant="primary", visible=False, elem_id="edit-send")
+            version_seen = gr.State(None)  # the newest message id the panel has seen (chat.versions.panel)
         # -- end issue 13 (history) --
         with gr.Accordion(L("settings"), open=False, elem_id="settings"):
             temperature = gr.Slider(0.0, 2.0, value=default.temperature, step=0.05, label=L("temperature"),
@@ -263,8 +264,8 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
         mode.input(bind(change_mode, ctx, 2), [conv_id, mode], [temperature, max_new, *note], **PRIVATE).then(**follow)
         # -- issue 13 (history): versions panel, edit, search, export and import --
         version_outs = [version_target, version_line, prev_btn, next_btn, edit_text, edit_btn]
-        chatbot.change(bind(versions.panel, ctx), [conv_id, version_target], version_outs, trigger_mode="always_last",
-                       show_progress="hidden", **PRIVATE)
+        chatbot.change(bind(versions.panel, ctx), [conv_id, version_target, version_seen],
+                       [*version_outs, version_seen], trigger_mode="always_last", show_progress="hidden", **PRIVATE)
         version_target.input(bind(versions.choose, ctx), [conv_id, version_target], version_outs,
                              show_progress="hidden", **PRIVATE)
         for btn, fn in ((prev_btn, versions.previous_version), (next_btn, versions.next_version)):
@@ -272,7 +273,7 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
                       show_progress="hidden", **PRIVATE).then(**follow)
         edit_btn.click(bind(versions.edit, ctx, len(outputs)), [conv_id, version_target, edit_text, *sampling],
                        [*outputs, *note], concurrency_limit=None, **PRIVATE).then(**follow)
-        for event in (search_box.input, search_box.submit):
+        for event in (search_box.change, search_box.submit):
             event(bind(search.search, ctx), [search_box, conv_id], [conv_list, search_line], show_progress="hidden",
                   trigger_mode="always_last", **PRIVATE)
         export_btn.click(bind(history_io.export, ctx, 3), [conv_id], [export_zip, export_json, status, *note],

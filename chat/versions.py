@@ -90,9 +90,22 @@ def _panel(rows: list[dict], target: int | None, keep_text: bool) -> tuple:
             gr.update(visible=question, value=text), gr.update(visible=question))
 
 
-def panel(ctx: ui.Ctx, conv_id, target, request: gr.Request) -> tuple:
-    """The panel for what is on screen (after the chat changed): the chosen message if still shown."""
-    return _panel(_path(ctx, conv_id, request), _as_id(target), keep_text=True)
+def panel(ctx: ui.Ctx, conv_id, target, seen, request: gr.Request) -> tuple:
+    """The panel for what is on screen, after the chat changed: (*panel, newest message id).
+
+    A new message anywhere in the conversation (a question, an answer, a regenerated or edited one), or
+    another conversation, moves it to `default_target`; otherwise (paging through versions) it stays on
+    the chosen message while that is shown.
+    """
+    rows = _path(ctx, conv_id, request)
+    newest = None
+    if rows:
+        try:
+            newest = max(r["id"] for r in ctx.store.message_tree(ui.owner_of(request), conv_id)[0])
+        except (NotFound, Notice):
+            rows = []
+    chosen = _as_id(target) if newest is not None and newest == seen else None
+    return (*_panel(rows, chosen, keep_text=chosen is not None), newest)
 
 
 def choose(ctx: ui.Ctx, conv_id, target, request: gr.Request) -> tuple:

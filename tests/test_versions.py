@@ -153,8 +153,11 @@ def test_edit_a_question_branches_and_versions_page_back(ctx, tmp_path):
     send(ctx, conv_id, "and the shape?", max_new=16)
     q1, a1, q2, a2 = ctx.store.messages(OWNER, conv_id)
     # The panel starts on the last answer; choosing the first question offers its text to edit.
-    panel = versions.panel(ctx, conv_id, None, Req())
-    assert panel[0]["value"] == str(a2["id"]) and "Answer 2: version 1 of 1" in panel[1]
+    panel = versions.panel(ctx, conv_id, None, None, Req())
+    assert panel[0]["value"] == str(a2["id"]) and "Answer 2: version 1 of 1" in panel[1] and panel[6] == a2["id"]
+    # Nothing new since (the same newest message): the chosen message stays; a new one moves the panel on.
+    assert versions.panel(ctx, conv_id, str(q2["id"]), a2["id"], Req())[0]["value"] == str(q2["id"])
+    assert versions.panel(ctx, conv_id, str(q2["id"]), a1["id"], Req())[0]["value"] == str(a2["id"])
     chosen = versions.choose(ctx, conv_id, str(q1["id"]), Req())
     assert chosen[4]["value"] == "what colour?" and chosen[4]["visible"] is True
     assert [label for label, _ in chosen[0]["choices"]][:2] == ["Question 1: what colour?", "Answer 1"]
@@ -190,7 +193,7 @@ def test_regenerate_twice_gives_three_versions_to_page_through(ctx):
         drain(ui.regenerate(ctx, conv_id, "general", 1.0, 0.9, 16, "", Req()))
     answer = ctx.store.messages(OWNER, conv_id)[-1]
     assert (answer["version"], answer["versions"]) == (3, 3)
-    panel = versions.panel(ctx, conv_id, None, Req())
+    panel = versions.panel(ctx, conv_id, None, None, Req())
     assert "Answer 1: version 3 of 3" in panel[1] and panel[2]["interactive"] and not panel[3]["interactive"]
     out = versions.previous_version(ctx, conv_id, str(answer["id"]), Req())
     assert "Version 2 of 3" in text_of(out[0][-1])
