@@ -22,15 +22,28 @@ log = logging.getLogger(__name__)
 FOLLOW_UP = "What else can you see in it, and where exactly is each thing in the picture? " * 3
 
 
-def _run(engine, request: ChatRequest) -> Done:
+def _add(engine, request: ChatRequest) -> Handle:
     handle = Handle(request, None)
     handle._state = "running"
     handle.prompt = engine.prompts.checked(request)
     engine.scheduler.add(engine._sequence(handle))
-    while handle.result is None:
+    return handle
+
+
+def _run(engine, request: ChatRequest, decoding: ChatRequest | None = None) -> Done:
+    """Serve `request` to its end; with `decoding`, that one is decoding already when `request` arrives, so
+    the steps that mix a prefill chunk with decode rows run (and load their kernels) too."""
+    other = None
+    if decoding is not None:
+        other = _add(engine, decoding)
+        while other.result is None and not any(s.generated for s in engine.scheduler.running):
+            engine._step(engine.metrics)  # its prefill, then it decodes
+    handle = _add(engine, request)
+    while handle.result is None or (other is not None and other.result is None):
         engine._step(engine.metrics)
-    if not isinstance(handle.result, Done):
-        raise RuntimeError(handle.result.message)
+    for h in (handle, other):
+        if h is not None and not isinstance(h.result, Done):
+            raise RuntimeError(h.result.message)
     return handle.result
 
 
@@ -46,8 +59,12 @@ def conversation(engine) -> None:
     messages = [{"role": "user", "content": [{"type": "image", "image_id": "warmup"},
                                              {"type": "text", "text": "Describe."}]}]
     try:
-        for _ in range(2):
-            done = _run(engine, ChatRequest(messages, GenParams(temperature=0.0, max_new_tokens=4), "warmup", image))
+        # Turn 1 arrives while another request decodes (a mixed step); turn 2 alone.
+        talker = ChatRequest([{"role": "user", "content": "Count."}], GenParams(temperature=0.0, max_new_tokens=24),
+                             "warmup-talker")
+        for turn in range(2):
+            done = _run(engine, ChatRequest(messages, GenParams(temperature=0.0, max_new_tokens=4), "warmup", image),
+                        talker if turn == 0 else None)
             messages = messages + [{"role": "assistant", "content": done.text}, {"role": "user", "content": FOLLOW_UP}]
     finally:
         engine.metrics = real_metrics
