@@ -240,3 +240,34 @@ def test_hostile_imports_are_refused_with_a_notice_and_store_nothing(server, pag
     assert page.locator(".toast-body").count() == 0  # no red error overlay
     time.sleep(0.2)
     assert page.locator("#conversation-list label").count() == 1
+
+
+def test_axe_with_the_history_controls_open(server, browser):
+    """axe-core: no serious or critical violation with search, export/import and the versions panel all shown."""
+    from tests.test_a11y_axe import AXE_JS, assert_clean
+
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    context.add_init_script(path=str(AXE_JS))
+    page = context.new_page()
+    start(page, server)
+    ask(page, "Axe: a question with versions")
+    open_panel(page, "versions")
+    page.locator("#regenerate").click()
+    page.locator("#version-line", has_text="version 2 of 2").wait_for(timeout=20_000)
+    wait_idle(page)
+    choice = page.locator("#version-message input")
+    choice.focus()
+    page.keyboard.press("Control+a")
+    page.keyboard.type("Question 1")
+    page.locator("#version-message li", has_text="Question 1").wait_for(timeout=10_000)
+    page.keyboard.press("Enter")
+    page.locator("#edit-text textarea").wait_for(state="visible", timeout=10_000)
+    open_panel(page, "export-import")
+    page.locator("#export").click()
+    page.locator("#export-json").wait_for(state="visible", timeout=10_000)
+    page.locator("#search input").first.focus()
+    page.keyboard.type("nothing like this")
+    page.locator("#search-results", has_text="No conversations match").wait_for(timeout=10_000)
+    page.wait_for_timeout(400)
+    assert_clean(page, "with the history controls open")
+    context.close()
