@@ -165,3 +165,21 @@ def test_the_theme_choice_is_kept_across_reloads(browser, server):
         page.wait_for_function(dark)
     finally:
         context.close()
+
+
+def test_a_reopened_conversation_brings_back_its_settings(page):
+    open_settings(page)
+    set_setting(page, "temperature", "1.35")
+    set_setting(page, "max-new-tokens", "64")
+    page.locator("#detail label").filter(has_text="High").click()
+    send(page, "Remember my settings")
+    wait_idle(page)
+    page.locator("#new-chat").click()
+    page.locator("#mode label").filter(has_text="Scene description").click()  # loads that mode's defaults
+    page.wait_for_function("() => document.querySelector('#temperature input[type=number]').value === '0.3'")
+    page.locator("#detail label").filter(has_text="Low").click()
+    page.locator("#conversation-list label").filter(has_text="Remember my settings").click()
+    page.wait_for_function("() => document.querySelector('#temperature input[type=number]').value === '1.35'")
+    assert page.locator("#max-new-tokens input[type=number]").input_value() == "64"
+    assert page.locator("#detail input[value=high]").is_checked()
+    assert page.locator("#mode input[value=general]").is_checked()
