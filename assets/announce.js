@@ -166,6 +166,18 @@
     const note = bot && bot.querySelector(".answer-note");
     return note ? note.innerText.trim() : "";
   };
+  // Which note the answer has (chat/render.py marks it with a class, whatever the page's language).
+  const noteKind = (bot) => {
+    const note = bot && bot.querySelector(".answer-note");
+    if (!note) return "";
+    const kind = Array.from(note.classList).find((c) => c.startsWith("vl-note-"));
+    if (kind) return kind.slice("vl-note-".length);
+    const text = note.innerText.trim();
+    if (text === "…") return "pending";
+    if (/Stopped/.test(text)) return "stopped";
+    return text.startsWith("⚠") ? "error" : "";
+  };
+  const t = (key, english) => (window.vlchat && window.vlchat.t ? window.vlchat.t(key) : english);
 
   let answer = null; // {bot, count, said, silenced}: the answer being streamed
   const statusText = () => {
@@ -173,7 +185,11 @@
     const el = document.querySelector("#status [data-testid='markdown']");
     return el ? el.innerText.trim() : "";
   };
-  const busy = (text) => /^Answering/.test(text);
+  // The status line while an answer is on its way starts with "Answering" (in the page's language).
+  const busy = (text) => {
+    const word = t("answering", "Answering…").replace(/[….]+$/, "");
+    return /^Answering/.test(text) || (!!word && text.startsWith(word));
+  };
 
   const say = (sentences) => {
     sentences.forEach((sentence) => {
@@ -186,7 +202,7 @@
     const bot = lastBot();
     if (!bot) return;
     const count = document.querySelectorAll("#chat [data-testid='bot']").length;
-    if (noteOf(bot) === "…") {
+    if (noteKind(bot) === "pending") {
       // The new answer's placeholder (a regenerated one replaces the old answer): start from here.
       Object.assign(answer, { count, said: 0 });
       return;
@@ -210,10 +226,11 @@
     if (!answer) return;
     progress(true);
     const note = noteOf(answer.bot || lastBot());
-    let line = "Answer complete";
-    if (/Stopped/.test(note) || /^Stopped/.test(status)) line = "Stopped.";
-    else if (note.startsWith("⚠")) line = note.replace(/^⚠\s*/, "");
-    else if (status) line = `Answer complete. ${status}`;
+    const kind = noteKind(answer.bot || lastBot());
+    let line = t("announce.complete", "Answer complete");
+    if (kind === "stopped" || /^Stopped/.test(status)) line = t("announce.stopped", "Stopped.");
+    else if (kind === "error" || kind === "interrupted") line = note.replace(/^⚠\s*/, "");
+    else if (status) line = `${line}. ${status}`;
     answer = null;
     announce(line); // the end is said even with sentence announcements off
   };
@@ -241,8 +258,8 @@
         if (answer) finish("");
         answer = { bot: null, count: null, said: 0, silenced: false };
         announceStatus(now);
-      } else if (/waiting/.test(now)) {
-        announceStatus(now); // the queue position while the answer waits for the model
+      } else {
+        announceStatus(now); // while it waits: its place in the queue, or that the next message waits
       }
       return;
     }

@@ -91,7 +91,8 @@ def answer_content(text: str, status: str, error: str = "") -> dict:
     else:
         note = STATUS_NOTE.get(status, "") if status != "complete" else ""
     if note:
-        note_html = f'<p class="answer-note"><em>{html.escape(note)}</em></p>'
+        # The class says which note it is, whatever language the text is in (assets/announce.js reads it).
+        note_html = f'<p class="answer-note vl-note-{status}"><em>{html.escape(note)}</em></p>'
         body = f"{body}\n{note_html}" if body else note_html
     return _text(body)
 
