@@ -1,9 +1,10 @@
 """Export a conversation (Markdown with its images as a ZIP, or JSON) and import the JSON back (issue 13).
 
 Export: the owner's conversation only (chat.store checks the owner). The files are written under
-Gradio's upload folder in a fresh directory named by 128 random bits, which Gradio serves and its
-delete_cache clears; nobody can name another owner's file. The ZIP holds `conversation.md` (the
-path on screen, as Markdown) and `images/<sha256>.<ext>`; the JSON holds every version, with the
+Gradio's upload folder in a fresh directory named by 128 random bits; Gradio serves a copy from its
+cache under a content hash (delete_cache clears it) and the originals go at a later export. Nobody
+can name another owner's file. The ZIP holds `conversation.md` (the path on screen, as Markdown) and
+`images/<sha256>.<ext>`; the JSON holds every version, with the
 images inline (base64).
 
 Import never trusts the file: it must be at most IMPORT_MAX_BYTES, nest at most MAX_DEPTH deep
@@ -22,6 +23,8 @@ import binascii
 import json
 import re
 import secrets
+import shutil
+import time
 import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +44,7 @@ from chat.uploads import upload_root
 FORMAT = "vlchat.conversation"
 FORMAT_VERSION = 1
 IMPORT_MAX_BYTES = 16_000_000
+EXPORT_KEEP_SECONDS = 600  # Gradio copies a returned file into its cache at once; the original can go after
 MAX_DEPTH = 8
 MAX_MESSAGES = 2_000
 MAX_SETTING_KEYS = 32
@@ -106,7 +110,16 @@ def _slug(title: str) -> str:
 
 
 def _export_dir() -> Path:
-    folder = upload_root() / "vlchat-exports" / secrets.token_hex(16)
+    """A new private folder for one export; earlier ones (Gradio served copies of them long ago) go."""
+    root = upload_root() / "vlchat-exports"
+    cutoff = time.time() - EXPORT_KEEP_SECONDS
+    for old in root.glob("*") if root.is_dir() else ():
+        try:
+            if old.stat().st_mtime < cutoff:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+    folder = root / secrets.token_hex(16)
     folder.mkdir(parents=True, mode=0o700)
     return folder
 

@@ -219,3 +219,15 @@ def test_search_titles_and_text_of_the_owner_only(ctx):
     # The open conversation stays selected when it matches.
     update, _ = search.search(ctx, "sink", a, Req())
     assert update["value"] == a
+
+
+def test_old_export_folders_are_cleared_at_the_next_export(ctx):
+    import os
+
+    conv = sample(ctx)
+    first, _ = export_files(ctx, conv)
+    assert oct(first.parent.stat().st_mode & 0o777) == "0o700"
+    old = first.parent.stat().st_mtime - history_io.EXPORT_KEEP_SECONDS - 5
+    os.utime(first.parent, (old, old))
+    second, _ = export_files(ctx, conv)
+    assert not first.parent.exists() and second.exists()
