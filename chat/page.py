@@ -238,8 +238,8 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
         for source in (box, detail, max_new):
             source.change(bind(preview, ctx), preview_inputs, [attachments], queue=True, show_progress="hidden",
                           **PRIVATE)
-        regen_btn.click(bind(regenerate, ctx, len(outputs)), [conv_id, *sampling], [*outputs, *note],
-                        concurrency_limit=None, **PRIVATE).then(**follow)
+        regenerated = regen_btn.click(bind(regenerate, ctx, len(outputs)), [conv_id, *sampling], [*outputs, *note],
+                                      concurrency_limit=None, **PRIVATE).then(**follow)
         # No `cancels=`: the engine ends the answer and the streaming handler shows it as stopped.
         stop_btn.click(bind(stop, ctx), None, [status], **PRIVATE)
         box.stop(bind(stop, ctx), None, [status], **PRIVATE)  # issue 13 (ux): the box's own Stop button
@@ -271,8 +271,11 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
         for btn, fn in ((prev_btn, versions.previous_version), (next_btn, versions.next_version)):
             btn.click(bind(fn, ctx, 1 + len(version_outs)), [conv_id, version_target], [chatbot, *version_outs, *note],
                       show_progress="hidden", **PRIVATE).then(**follow)
-        edit_btn.click(bind(versions.edit, ctx, len(outputs)), [conv_id, version_target, edit_text, *sampling],
-                       [*outputs, *note], concurrency_limit=None, **PRIVATE).then(**follow)
+        edited = edit_btn.click(bind(versions.edit, ctx, len(outputs)), [conv_id, version_target, edit_text, *sampling],
+                                [*outputs, *note], concurrency_limit=None, **PRIVATE).then(**follow)
+        # Once a new version has streamed, the chat is drawn again from the store: it says "Version k of n".
+        for event in (regenerated, edited):
+            event.then(bind(versions.redraw, ctx), [conv_id], [chatbot], show_progress="hidden", **PRIVATE)
         for event in (search_box.change, search_box.submit):
             event(bind(search.search, ctx), [search_box, conv_id], [conv_list, search_line], show_progress="hidden",
                   trigger_mode="always_last", **PRIVATE)

@@ -113,6 +113,17 @@ def choose(ctx: ui.Ctx, conv_id, target, request: gr.Request) -> tuple:
     return _panel(_path(ctx, conv_id, request), _as_id(target), keep_text=False)
 
 
+def redraw(ctx: ui.Ctx, conv_id, request: gr.Request):
+    """The chat drawn again from the store after a new version streamed (so it says "Version k of n").
+
+    Left alone while this page shows an answer still coming (a message sent meanwhile).
+    """
+    with ctx.lock:
+        busy = ctx.active.get(request.session_hash) is not None
+    rows = [] if busy else _path(ctx, conv_id, request)
+    return chat_history(ctx.store, rows) if rows else gr.skip()
+
+
 def _not_busy(ctx: ui.Ctx, conv_id: str, request: gr.Request) -> None:
     with ctx.lock:
         busy = ctx.running.get(conv_id) is not None or ctx.active.get(request.session_hash) is not None

@@ -105,6 +105,9 @@ def test_edit_a_question_and_page_through_versions_by_keyboard(server, page):
     page.locator("#regenerate").click()
     page.locator("#version-line", has_text="Answer 1: version 2 of 2").wait_for(timeout=20_000)
     wait_idle(page)
+    # Drawn again once it has streamed: the new answer says which version it is, like the edited question.
+    page.wait_for_function("() => document.querySelector('#chat').innerText.split('Version 2 of 2').length === 3",
+                           timeout=10_000)
     stored = rows(server, "Versions: first question")
     assert [r[0] for r in stored] == ["user", "assistant", "user", "assistant", "user", "assistant", "assistant"]
     assert stored[4][2] is None and stored[5][2] == stored[6][2]  # the edit is a root sibling; two answers to it

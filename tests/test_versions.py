@@ -195,6 +195,7 @@ def test_regenerate_twice_gives_three_versions_to_page_through(ctx):
     assert (answer["version"], answer["versions"]) == (3, 3)
     panel = versions.panel(ctx, conv_id, None, None, Req())
     assert "Answer 1: version 3 of 3" in panel[1] and panel[2]["interactive"] and not panel[3]["interactive"]
+    assert text_of(versions.redraw(ctx, conv_id, Req())[-1]).endswith("Version 3 of 3</p>")
     out = versions.previous_version(ctx, conv_id, str(answer["id"]), Req())
     assert "Version 2 of 3" in text_of(out[0][-1])
     assert ctx.store.messages(OWNER, conv_id)[-1]["version"] == 2
