@@ -141,9 +141,23 @@
   const VALUES = {
     "zh-CN": [[/^([\d,]+) prompt, ([\d,]+) generated$/, "提示 $1，生成 $2"], [/^([\d.,]+) tokens\/s$/, "每秒 $1 个 token"]],
   };
+  // The message box's placeholder, which the server sets in English when the model is ready (chat/ui.py).
+  const PLACEHOLDERS = {
+    "zh-CN": {
+      "Ask about an image — Enter sends, Shift+Enter for a new line; paste or drop images":
+        "询问图片相关的问题——Enter 发送，Shift+Enter 换行；可粘贴或拖入图片",
+      "Starting…": "正在启动…",
+    },
+  };
+  const translatePlaceholder = (current) => {
+    const box = document.querySelector("#input textarea");
+    const wanted = box && (PLACEHOLDERS[current] || {})[box.placeholder];
+    if (wanted) box.placeholder = wanted;
+  };
   const translateStats = () => {
     const current = lang();
     if (current === "en") return;
+    translatePlaceholder(current);
     document.querySelectorAll("#chat .vl-stats summary, #chat .vl-stats dt, #chat .vl-stats dd").forEach((el) => {
       const text = el.textContent;
       let wanted = STATS[text] ? t(STATS[text]) : text;
@@ -164,7 +178,10 @@
     const display = document.getElementById("vl-display");
     if (!display) return setTimeout(start, 200);
     if (!document.getElementById("vl-lang")) display.appendChild(field());
-    if (lang() !== "en") new MutationObserver(watch).observe(document.body, { subtree: true, childList: true });
+    if (lang() !== "en") {
+      new MutationObserver(watch).observe(document.body, { subtree: true, childList: true, attributes: true,
+        attributeFilter: ["placeholder"] });
+    }
     translateStats();
   };
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);

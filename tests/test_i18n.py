@@ -62,6 +62,7 @@ def test_a_chinese_browser_gets_a_chinese_page_and_can_choose_english(browser, s
         assert page.locator("#new-chat").inner_text() == "新对话"
         assert "场景描述" in page.locator("#mode").inner_text()
         assert page.locator("#delete").inner_text() == "删除"
+        page.wait_for_function("() => document.querySelector('#input textarea').placeholder.startsWith('询问图片')")
         page.locator("#vl-lang").wait_for()
         assert page.locator("label[for=vl-lang]").inner_text() == "语言"
         assert page.locator("label[for=vl-theme]").inner_text() == "主题"
