@@ -1,5 +1,6 @@
 // vlchat theme choice (issue 13, ux), put into <head> by chat.page.mount_options: Light, Dark or System (the
-// default: the system's setting, or Gradio's ?__theme=), kept in this browser (localStorage "vlchat.theme"); a select in the Display group (#vl-display, built by prefs.js).
+// default: the system's setting, or Gradio's ?__theme=), kept in this browser (localStorage "vlchat.theme");
+// a select in the Display group (#vl-display, built by prefs.js).
 // Gradio's dark mode is the class "dark" on <body>; a saved choice is applied, and kept applied.
 // No eval, no inline handlers: everything is wired with addEventListener.
 (() => {
