@@ -79,6 +79,19 @@ def test_deleting_the_shown_leaf_falls_back_to_the_previous_version(store):
     assert texts(store.messages("alice", conv)) == ["a1"]
 
 
+def test_import_is_all_or_nothing(store):
+    good = {"role": "user", "text": "q", "parent": None}
+    with pytest.raises(ValueError, match="earlier message"):
+        store.import_conversation("alice", title="t", mode="general", settings={},
+                                  messages=[good, {"role": "assistant", "text": "a", "parent": 1}], leaf=1)
+    assert store.list_conversations("alice") == [] and store.db.table("messages").count == 0
+    conv = store.import_conversation("alice", title="t", mode="general", settings={},
+                                      messages=[good, {"role": "assistant", "text": "a1", "parent": 0},
+                                                {"role": "assistant", "text": "a2", "parent": 0}], leaf=1)
+    rows = store.messages("alice", conv)
+    assert texts(rows) == ["q", "a1"] and (rows[1]["version"], rows[1]["versions"]) == (1, 2)
+
+
 def test_a_database_from_before_versions_upgrades_and_keeps_its_conversations(tmp_path):
     """A database made by the previous schema (m001 + m002) opens as one path per conversation."""
     data = tmp_path / "old"
