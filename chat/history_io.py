@@ -32,7 +32,7 @@ from pathlib import Path
 import gradio as gr
 
 from chat import ui
-from chat.conversation import DEFAULT_MODE, MODES, mode_for
+from chat.conversation import DEFAULT_MODE, MODES, md_escape, mode_for
 from chat.images import ImageError, check_size, sanitize
 from chat.notices import Notice
 from chat.render import chat_history
@@ -326,7 +326,7 @@ def import_conversation(ctx: ui.Ctx, upload, request: gr.Request) -> tuple:
     rows = ctx.store.messages(owner, conv_id)
     return (conv_id, chat_history(ctx.store, rows), conv["title"], conv["mode"],
             gr.update(choices=ui.conversation_choices(ctx, owner), value=conv_id),
-            f"Imported “{conv['title']}” ({len(rows)} messages shown).")
+            f"Imported “{md_escape(conv['title'])}” ({len(rows)} messages shown).")
 
 
 def hide_downloads() -> tuple:

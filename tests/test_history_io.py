@@ -179,6 +179,11 @@ def test_an_imported_id_never_reaches_another_owners_conversation(ctx, tmp_path)
     assert new != conv
     assert ctx.store.get_conversation(OWNER, conv)["title"] == "Red square"
     assert ctx.store.get_conversation(OTHER_OWNER, new)["title"] == "Overwritten?"
+    # A title is shown as typed in the status line (Markdown there), never as markup or a link.
+    data["title"] = "[click](https://evil.test) <img src=x>"
+    upload.write_text(json.dumps(data))
+    line = history_io.import_conversation(ctx, str(upload), Req(browser=OTHER))[5]
+    assert "](" not in line and "<img" not in line and "\\[click\\]" in line
 
 
 def test_nesting_depth_skips_strings():
