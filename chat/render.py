@@ -98,10 +98,13 @@ def answer_content(text: str, status: str, error: str = "") -> dict:
 
 
 def _mark_version(message: dict, row: dict) -> None:
-    """A message with other versions (issue 13: edit, regenerate) says which one it is, as text in it."""
+    """A message with other versions (issue 13: edit, regenerate) says which one it is, as text in it.
+
+    Marked as a note (class answer-note, like "Stopped."), so reading the answer aloud leaves it out.
+    """
     if row.get("versions", 1) < 2:
         return
-    note = f'<p class="vl-version">Version {int(row["version"])} of {int(row["versions"])}</p>'
+    note = f'<p class="answer-note vl-version">Version {int(row["version"])} of {int(row["versions"])}</p>'
     content = message["content"]
     parts = content if isinstance(content, list) else [content]
     texts = [part for part in parts if isinstance(part, dict) and part.get("type") == "text"]

@@ -146,7 +146,7 @@ def test_versions_are_said_in_the_chat(store):
     store.add_message("alice", conv, role="assistant", text="a2", parent_id=q)
     history = chat_history(store, store.messages("alice", conv))
     assert "Version" not in text_of(history[0])
-    assert text_of(history[1]).endswith('<p class="vl-version">Version 2 of 2</p>')
+    assert text_of(history[1]).endswith('<p class="answer-note vl-version">Version 2 of 2</p>')
 
 
 # -- the page's handlers, with the tiny model ------------------------------------------------
