@@ -3,9 +3,17 @@
 // Gradio's Chatbot shows them with render_markdown=False. Two of its features read the raw value,
 // that is the markup; these handlers give them the text a person sees instead.
 (() => {
+  // The message's text, without the answer's Details disclosure (its token counts and timing).
   const textOf = (row) =>
     Array.from(row.querySelectorAll(".message-content"))
-      .map((m) => m.innerText.trim())
+      .map((m) => {
+        const copy = m.cloneNode(true);
+        copy.querySelectorAll(".vl-stats").forEach((n) => n.remove());
+        m.parentNode.insertBefore(copy, m.nextSibling); // innerText needs it laid out
+        const text = copy.innerText.trim();
+        copy.remove();
+        return text;
+      })
       .filter(Boolean)
       .join("\n\n");
 
