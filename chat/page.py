@@ -224,17 +224,23 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
         follow = {"fn": bind(describe.follow_ups, ctx), "inputs": [conv_id, mode],
                   "outputs": [follow_row, *follow_btns], "show_progress": "hidden", "concurrency_limit": None,
                   **PRIVATE}
+        # The versions panel follows the chat (chatbot.change below), but not token by token: while this page
+        # streams an answer it is left alone, and brought up to date once the answer's event ends.
+        panel = {"fn": bind(versions.panel, ctx), "inputs": [conv_id, version_target, version_seen],
+                 "outputs": [version_target, version_line, prev_btn, next_btn, edit_text, edit_btn, version_seen],
+                 "show_progress": "hidden", **PRIVATE}
         # "multiple": a message sent while the answer streams reaches the server, which holds it until then.
         box.submit(bind(send, ctx, len(outputs)), [conv_id, box, *sampling, detail], [*outputs, *note],
-                   concurrency_limit=None, trigger_mode="multiple", **PRIVATE).then(**follow)
+                   concurrency_limit=None, trigger_mode="multiple", **PRIVATE).then(**follow).then(**panel)
         # "multiple": pressed while an answer is coming, they reach the server, which says why it waits
         # (the browser would drop a second press of a pending event without a word).
         describe_btn.upload(bind(describe.describe, ctx, len(outputs)), [conv_id, describe_btn, *sampling, detail],
                             [*outputs, *note], concurrency_limit=None, trigger_mode="multiple", **PRIVATE
-                            ).then(**follow)
+                            ).then(**follow).then(**panel)
         for btn in follow_btns:
             btn.click(bind(describe.follow_up, ctx, len(outputs)), [btn, conv_id, *sampling, detail],
-                      [*outputs, *note], concurrency_limit=None, trigger_mode="multiple", **PRIVATE).then(**follow)
+                      [*outputs, *note], concurrency_limit=None, trigger_mode="multiple", **PRIVATE
+                      ).then(**follow).then(**panel)
         for source in (box, detail, max_new):
             source.change(bind(preview, ctx), preview_inputs, [attachments], queue=True, show_progress="hidden",
                           **PRIVATE)
@@ -275,7 +281,8 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
                                 [*outputs, *note], concurrency_limit=None, **PRIVATE).then(**follow)
         # Once a new version has streamed, the chat is drawn again from the store: it says "Version k of n".
         for event in (regenerated, edited):
-            event.then(bind(versions.redraw, ctx), [conv_id], [chatbot], show_progress="hidden", **PRIVATE)
+            event.then(bind(versions.redraw, ctx), [conv_id], [chatbot], show_progress="hidden", **PRIVATE
+                       ).then(**panel)
         for event in (search_box.change, search_box.submit):
             event(bind(search.search, ctx), [search_box, conv_id], [conv_list, search_line], show_progress="hidden",
                   trigger_mode="always_last", **PRIVATE)

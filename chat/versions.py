@@ -97,6 +97,10 @@ def panel(ctx: ui.Ctx, conv_id, target, seen, request: gr.Request) -> tuple:
     another conversation, moves it to `default_target`; otherwise (paging through versions) it stays on
     the chosen message while that is shown.
     """
+    with ctx.lock:
+        streaming = ctx.active.get(request.session_hash) is not None
+    if streaming:  # drawn token by token: nothing to do now (the event's end brings the panel up to date)
+        return (gr.skip(),) * 7
     rows = _path(ctx, conv_id, request)
     newest = None
     if rows:
