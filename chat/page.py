@@ -23,10 +23,8 @@ from chat.notices import Notice
 from chat.ui import (
     PLACEHOLDER,
     Ctx,
-    ask_delete,
     change_mode,
     delete,
-    hide_confirm,
     loading_tick,
     max_message_chars,
     new_chat,
@@ -36,10 +34,10 @@ from chat.ui import (
     preview,
     regenerate,
     rename,
-    restore_settings,
     send,
     stop,
 )
+from chat.ui_conversation import ask_delete, hide_confirm, restore_settings
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 

@@ -49,6 +49,9 @@ RECORDER = """
 PHONE_UA = ("Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 "
             "Mobile Safari/537.36")
 
+# The camera dialog's status line starts with `says` (it exists only once the dialog has been built).
+CAMERA_SAYS = "(says) => (document.querySelector('#camera-message')?.textContent || '').startsWith(says)"
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_dir):
@@ -238,8 +241,7 @@ def test_take_a_photo_on_a_desktop(camera_browser, server):
         dialog.wait_for()
         assert camera_dialog_open(page)
         assert focused(page) == "camera-take"  # the focus moved into the dialog
-        page.wait_for_function("() => (document.querySelector('#camera-message')?.textContent || '').startsWith('Camera ready')",
-                               timeout=15_000)
+        page.wait_for_function(CAMERA_SAYS, arg="Camera ready", timeout=15_000)
         assert page.evaluate("() => document.querySelector('#camera-preview').videoWidth") > 0  # live preview
         assert dialog.get_by_role("heading", name="Take a photo").count() == 1
         assert_clean(page, "with the camera dialog open")
@@ -259,8 +261,7 @@ def test_take_a_photo_on_a_desktop(camera_browser, server):
 
         # Again, and take the photo: it is sent like an uploaded one, with the mode's describe prompt.
         page.keyboard.press("Enter")
-        page.wait_for_function("() => (document.querySelector('#camera-message')?.textContent || '').startsWith('Camera ready')",
-                               timeout=15_000)
+        page.wait_for_function(CAMERA_SAYS, arg="Camera ready", timeout=15_000)
         page.wait_for_function("() => document.querySelector('#camera-preview').videoWidth > 0")
         page.keyboard.press("Enter")  # on "Take photo"
         page.wait_for_function("() => !document.querySelector('#camera-dialog').open")
@@ -283,8 +284,7 @@ def test_camera_dialog_in_dark_mode(camera_browser, server):
         page.goto(server.base + "/?__theme=dark")
         wait_ready(page)
         page.locator("#camera").click()
-        page.wait_for_function("() => (document.querySelector('#camera-message')?.textContent || '').startsWith('Camera ready')",
-                               timeout=15_000)
+        page.wait_for_function(CAMERA_SAYS, arg="Camera ready", timeout=15_000)
         assert_clean(page, "in dark mode with the camera dialog open")
         page.locator("#camera-cancel").click()
         page.wait_for_function("() => !document.querySelector('#camera-dialog').open")
@@ -303,8 +303,7 @@ def test_camera_refused_or_missing_is_said_in_words(camera_browser, server, erro
                       "Promise.reject(new DOMException('no camera', name)); }", error)
         page.locator("#camera").focus()
         page.keyboard.press("Enter")
-        page.wait_for_function("(says) => (document.querySelector('#camera-message')?.textContent || '').startsWith(says)",
-                               arg=says, timeout=10_000)
+        page.wait_for_function(CAMERA_SAYS, arg=says, timeout=10_000)
         assert page.locator("#camera-message").get_attribute("role") == "status"
         assert focused(page) == "camera-cancel" and page.locator("#camera-cancel").inner_text() == "Close"
         assert not page.locator("#camera-take").is_visible()

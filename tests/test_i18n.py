@@ -112,7 +112,7 @@ def ctx(tmp_path, loaded):
 
 
 def test_a_chinese_page_asks_in_chinese_and_the_model_is_told_to_answer_in_it(ctx, tmp_path):
-    from chat import describe, ui
+    from chat import describe, ui, ui_conversation
     from tests.test_ui import OWNER, Req, png
 
     sent = []
@@ -136,6 +136,6 @@ def test_a_chinese_page_asks_in_chinese_and_the_model_is_told_to_answer_in_it(ct
     assert row["visible"] is True and buttons[3]["value"] == "有东西挡路吗？"
     assert describe.question_for("scene", "有东西挡路吗？").startswith("前方有没有挡路的东西")
     # The delete question too; an English page keeps English (regenerate included).
-    assert ui.ask_delete(ctx, conv_id, zh)[1].startswith("**删除“")
+    assert ui_conversation.ask_delete(ctx, conv_id, zh)[1].startswith("**删除“")
     list(ui.regenerate(ctx, conv_id, "scene", 0.0, 0.9, 16, "", Req()))
     assert sent[-1].messages[0]["content"].startswith("You describe images for a blind")

@@ -7,7 +7,7 @@ import re
 import gradio as gr
 import pytest
 
-from chat import stats, ui
+from chat import stats, ui, ui_conversation
 from tests.test_ui import OWNER, Req, png, real_ctx, text_of
 
 
@@ -72,19 +72,19 @@ def test_a_reopened_conversation_brings_back_its_settings(ctx, tmp_path):
     second = ask(ctx, None, "plain", temperature=0.3, top_p=0.95, max_new=64, detail="auto")[0][0]
 
     assert ui.open_conversation(ctx, first, Req())[3] == "scene"
-    assert ui.restore_settings(ctx, first, Req()) == (1.1, 0.55, 32, "Be terse.", "low")
+    assert ui_conversation.restore_settings(ctx, first, Req()) == (1.1, 0.55, 32, "Be terse.", "low")
     assert ui.open_conversation(ctx, second, Req())[3] == "general"
-    assert ui.restore_settings(ctx, second, Req()) == (0.3, 0.95, 64, "", "auto")
+    assert ui_conversation.restore_settings(ctx, second, Req()) == (0.3, 0.95, 64, "", "auto")
     # Another browser's conversation, or none: nothing changes.
-    assert all(o is gr.skip() or o == gr.skip() for o in ui.restore_settings(ctx, None, Req()))
+    assert all(o is gr.skip() or o == gr.skip() for o in ui_conversation.restore_settings(ctx, None, Req()))
     other = Req(browser="c" * 32)
-    assert all(o is gr.skip() or o == gr.skip() for o in ui.restore_settings(ctx, first, other))
+    assert all(o is gr.skip() or o == gr.skip() for o in ui_conversation.restore_settings(ctx, first, other))
 
 
 def test_delete_asks_first_and_names_the_conversation(ctx):
     conv_id = ask(ctx, None, "a *title*")[0][0]
-    shown, question = ui.ask_delete(ctx, conv_id, Req())
+    shown, question = ui_conversation.ask_delete(ctx, conv_id, Req())
     assert shown["visible"] is True and "Delete “a \\*title\\*”?" in question
     assert ctx.store.get_conversation(OWNER, conv_id)  # nothing deleted by asking
     with pytest.raises(ui.Notice):
-        ui.ask_delete(ctx, None, Req())
+        ui_conversation.ask_delete(ctx, None, Req())
