@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -91,3 +92,17 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+
+
+@contextmanager
+def running(group: dict[str, Server]):
+    """Start every server of `group` (all launched first, then each waited for), and stop them all after."""
+    try:
+        for srv in group.values():
+            srv.launch()
+        for srv in group.values():
+            srv.wait_healthy()
+        yield group
+    finally:
+        for srv in group.values():
+            srv.stop()

@@ -29,7 +29,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from chat.images import UNSUPPORTED
-from tests.servers import Server, data_dir, metric
+from tests.servers import Server, data_dir, metric, running
 
 KEYS = ("k1", "k2", "k5")
 BODY_LIMIT = 3_000_000
@@ -54,15 +54,8 @@ def servers(tmp_path_factory, model_dir):
         "keyed": Server(data("api-keyed"), env={"VLCHAT_API_KEY": ",".join(KEYS)}),
         "closed": Server(data("api-closed"), host="0.0.0.0"),
     }
-    try:
-        for srv in group.values():
-            srv.launch()
-        for srv in group.values():
-            srv.wait_healthy()
+    with running(group):
         yield group
-    finally:
-        for srv in group.values():
-            srv.stop()
 
 
 @pytest.fixture(scope="module")

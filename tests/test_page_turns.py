@@ -10,6 +10,7 @@ import pytest
 
 from chat import stream, ui
 from chat.notices import Notice
+from tests.test_queue_position import _until
 from tests.test_ui import OWNER, Req, real_ctx
 
 
@@ -35,23 +36,14 @@ def start(ctx, conv_id, text, max_new, out):
     return thread
 
 
-def until(predicate, timeout=60.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def test_next_message_waits_for_the_answer_on_screen(ctx):
     first: list = []
     t1 = start(ctx, None, "Go on for a long time.", 4000, first)
-    assert until(lambda: ctx.active.get("s1") is not None)
+    assert _until(lambda: ctx.active.get("s1") is not None)
     conv_id = first[0][0]
     second: list = []
     t2 = start(ctx, conv_id, "And then?", 8, second)
-    assert until(lambda: second and second[0][4] == stream.WAITING_LINE)
+    assert _until(lambda: second and second[0][4] == stream.WAITING_LINE)
     # Still waiting: nothing of it stored yet, and its text is still in the box (the update leaves it alone).
     time.sleep(0.3)
     assert [r["role"] for r in ctx.store.messages(OWNER, conv_id)] == ["user", "assistant"]

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from tests.fake_upstream import FakeUpstream
-from tests.servers import Server, data_dir, metric
+from tests.servers import Server, data_dir, metric, running
 
 CANCELLED = 'vlchat_requests_total{outcome="cancelled"}'
 KEY1, KEY2 = "client-key-one", "client-key-two"
@@ -77,15 +77,8 @@ def servers(tmp_path_factory, model_dir, fakes):
                         "--engine-key", "upstream-key", "--engine-first-token-seconds", "3",
                         env={"VLCHAT_API_KEY": f"{KEY1},{KEY2}"})
     group = {"upstream": upstream, "front": front, "fake_front": fake_front}
-    try:
-        for srv in group.values():
-            srv.launch()
-        for srv in group.values():
-            srv.wait_healthy()
+    with running(group):
         yield group
-    finally:
-        for srv in group.values():
-            srv.stop()
 
 
 @pytest.fixture(scope="module")
