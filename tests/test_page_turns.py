@@ -65,3 +65,43 @@ def test_no_wait_when_nothing_streams(ctx):
     updates = list(ui.send(ctx, None, box("Hello"), "general", 0.0, 0.9, 8, "", "auto", Req()))
     assert stream.WAITING_LINE not in [u[4] for u in updates]
     assert not ctx.queued
+
+
+# -- in the browser ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model_dir):
+    from tests.servers import Server, data_dir
+
+    srv = Server(data_dir(tmp_path_factory, model_dir, "turns-data")).start()
+    yield srv
+    srv.stop()
+
+
+def test_typing_while_an_answer_streams(server, browser):
+    """In the page: a message typed and sent while the answer streams waits (the status says so), then goes
+    once the answer ends; it is answered in the same conversation."""
+    from tests.test_e2e_browser import open_settings, send, set_setting, wait_idle, wait_ready
+
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        page = context.new_page()
+        page.goto(server.base + "/")
+        wait_ready(page)
+        open_settings(page)
+        set_setting(page, "max-new-tokens", "4096")
+        send(page, "Talk for a long time.")
+        page.wait_for_function("() => document.querySelector('#status').innerText.startsWith('Answering')",
+                               timeout=30_000)
+        send(page, "The next question.")  # typed and sent while the first answer streams
+        page.locator("#status").get_by_text("your next message is waiting").wait_for(timeout=15_000)
+        assert "The next question." not in page.locator("#chat").inner_text()
+        page.locator("#stop").click()
+        page.locator("#chat").get_by_text("The next question.").wait_for(timeout=30_000)
+        wait_idle(page)
+        chat = page.locator("#chat").inner_text()
+        assert chat.index("Talk for a long time.") < chat.index("The next question.")
+        assert page.locator("#chat .bot-row").count() == 2
+    finally:
+        context.close()
