@@ -100,7 +100,11 @@
     host.appendChild(dialog);
 
     take.addEventListener("click", () => capture());
-    cancel.addEventListener("click", () => dialog.close());
+    // The camera is let go at once (the dialog's "close" event comes a task later, and does it again).
+    cancel.addEventListener("click", () => {
+      release();
+      dialog.close();
+    });
     // Escape closes a modal dialog by itself (a "cancel", then "close"); every way out ends here.
     dialog.addEventListener("close", () => {
       opening += 1;
@@ -190,7 +194,8 @@
       }
       const stamp = new Date().toISOString().replace(/[:.]/g, "-");
       const file = new File([blob], `camera-${stamp}.jpg`, { type: "image/jpeg" });
-      ui.dialog.close(); // releases the camera and gives the focus back
+      release();
+      ui.dialog.close(); // gives the focus back
       describeFile(file);
     }, "image/jpeg", 0.92);
   };
