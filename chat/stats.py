@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import html
 
+from chat.i18n import DEFAULT_LANG, translator
+
 TIMING_KEYS = ("ttft_s", "tokens_per_s")
 
 
@@ -36,7 +38,7 @@ def _seconds(value: float) -> str:
 
 def rows(usage: dict | None, t=None) -> list[tuple[str, str]]:
     """(label, value) pairs for an answer's usage; empty when there is nothing to show (e.g. an error)."""
-    t = t or (lambda key, **kw: _EN[key].format(**kw))
+    t = t or translator(DEFAULT_LANG)
     usage = usage or {}
     if "completion_tokens" not in usage or "error" in usage:
         return []
@@ -51,21 +53,9 @@ def rows(usage: dict | None, t=None) -> list[tuple[str, str]]:
     return out
 
 
-_EN = {
-    "stats.summary": "Details",
-    "stats.tokens": "Tokens",
-    "stats.tokens_value": "{prompt} prompt, {generated} generated",
-    "stats.ttft": "Time to first token",
-    "stats.rate": "Speed",
-    "stats.rate_value": "{rate} tokens/s",
-    "stats.cached": "Cached prompt tokens",
-    "stats.images": "Images encoded",
-}
-
-
 def details_html(usage: dict | None, t=None) -> str:
     """The collapsed "Details" element for an answer ('' when there is nothing to show)."""
-    t = t or (lambda key, **kw: _EN[key].format(**kw))
+    t = t or translator(DEFAULT_LANG)
     pairs = rows(usage, t)
     if not pairs:
         return ""
