@@ -19,21 +19,14 @@ from chat.conversation import MODES
 from tests.conftest import CHROMIUM, CHROMIUM_ARGS
 from tests.servers import Server, data_dir
 from tests.test_a11y_axe import AXE_JS, assert_clean
+from tests.test_a11y_speech import ANNOUNCED
 from tests.test_e2e_browser import open_settings, set_setting, wait_idle, wait_ready
 
 FAKE_CAMERA = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
-# Before the page's scripts: what the live region is given, line by line, and every camera stream handed out.
-RECORDER = """
+# Before the page's scripts: what the live region is given (as in the speech tests), and every camera stream
+# handed out.
+RECORDER = ANNOUNCED + """
 (() => {
-  window.__announced = [];
-  const watch = () => {
-    const region = document.getElementById('vl-announcer');
-    if (!region) { setTimeout(watch, 20); return; }
-    new MutationObserver((records) => {
-      for (const r of records) for (const n of r.addedNodes) window.__announced.push(n.textContent);
-    }).observe(region, {childList: true});
-  };
-  watch();
   window.__streams = [];
   const media = navigator.mediaDevices;
   if (media && media.getUserMedia) {

@@ -69,7 +69,10 @@ def spoken(page) -> list[str]:
 
 
 def wait_announced(page, text: str) -> None:
-    page.wait_for_function("(t) => window.__announced.includes(t)", arg=text, timeout=15_000)
+    try:
+        page.wait_for_function("(t) => window.__announced.includes(t)", arg=text, timeout=30_000)
+    except Exception:
+        raise AssertionError(f"{text!r} was not announced; announced: {announced(page)}") from None
 
 
 def clear_records(page) -> None:

@@ -14,20 +14,23 @@ import pytest
 from tests.servers import Server, data_dir
 from tests.test_e2e_browser import open_settings, send, set_setting, wait_idle, wait_ready
 
-# Installed before the page's scripts run: records what the live region is given, line by line, and
-# replaces speechSynthesis with a recorder (headless chromium has no voices).
-RECORDER = """
+# Installed before the page's scripts run: records what the live region is given, line by line. It watches the
+# whole document from the start, so no line is missed however late the region appears.
+ANNOUNCED = """
 (() => {
   window.__announced = [];
+  new MutationObserver((records) => {
+    for (const r of records) {
+      if (!r.target || r.target.id !== 'vl-announcer') continue;
+      for (const n of r.addedNodes) window.__announced.push(n.textContent);
+    }
+  }).observe(document, {childList: true, subtree: true});
+})();
+"""
+# ...and speechSynthesis replaced with a recorder (headless chromium has no voices).
+RECORDER = ANNOUNCED + """
+(() => {
   window.__spoken = [];
-  const watch = () => {
-    const region = document.getElementById('vl-announcer');
-    if (!region) { setTimeout(watch, 20); return; }
-    new MutationObserver((records) => {
-      for (const r of records) for (const n of r.addedNodes) window.__announced.push(n.textContent);
-    }).observe(region, {childList: true});
-  };
-  watch();
   class Utterance { constructor(text) { this.text = text; } }
   window.SpeechSynthesisUtterance = Utterance;
   const synth = {

@@ -43,7 +43,14 @@ def start(page, server) -> None:
 def ask(page, text: str, image: Path | None = None) -> None:
     before = page.locator("#chat .user-row").count()
     send(page, text, image)
-    page.wait_for_function(f"() => document.querySelectorAll('#chat .user-row').length > {before}", timeout=20_000)
+    try:
+        page.wait_for_function(f"() => document.querySelectorAll('#chat .user-row').length > {before}",
+                               timeout=45_000)
+    except Exception:  # say what the page showed instead
+        seen = page.evaluate("""() => ({status: document.querySelector('#status')?.innerText,
+            notice: document.querySelector('#notice')?.innerText, box: document.querySelector('#input textarea')?.value,
+            disabled: document.querySelector('#input textarea')?.disabled})""")
+        raise AssertionError(f"{text!r} did not appear in the chat; the page showed {seen}") from None
     wait_idle(page)
 
 
