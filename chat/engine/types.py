@@ -56,6 +56,16 @@ class ShuttingDown(EngineError):
         super().__init__("The server is restarting; your answer was cut short. Try again in a minute.")
 
 
+class UnknownAdapter(EngineError):
+    """The request asks for an adapter (a model name) this engine does not serve."""
+
+    code = "model_not_found"
+
+    def __init__(self, name: str, served: tuple[str, ...]) -> None:
+        listed = ", ".join(served) if served else "none are loaded"
+        super().__init__(f"The model '{name}' is not served here (LoRA adapters: {listed}).")
+
+
 class GenerationFailed(EngineError):
     """The model failed while generating (out of memory, a bug); the worker goes on serving."""
 
@@ -98,6 +108,8 @@ class ChatRequest:
     # The last message is the assistant's and is continued (no new turn is opened after it), as vLLM's
     # `continue_final_message`; the answer is only the text that follows it.
     continue_final: bool = False
+    # A LoRA adapter the engine loaded (its name, what `model` asks for on the API); "" is the base model.
+    adapter: str = ""
 
 
 @dataclass(frozen=True)

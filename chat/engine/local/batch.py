@@ -16,11 +16,13 @@ def pack(plan: StepPlan, block_size: int, device: torch.device) -> PackedBatch:
     seqs: list[SeqRows] = []
     sample_rows: list[int] = []
     vis_rows, vis_embeds, vis_deep = [], [], []
+    adapters: list[int] = []
     offset = 0
     for chunk in plan.chunks:
         seq, a = chunk.seq, chunk.start
         b = a + chunk.length
         ids.extend(seq.tokens[a:b])
+        adapters.extend([seq.adapter_index] * chunk.length)
         positions.append(seq.positions(a, b))
         table = seq.blocks
         slots.extend(table[i // block_size] * block_size + i % block_size for i in range(a, b))
@@ -53,6 +55,8 @@ def pack(plan: StepPlan, block_size: int, device: torch.device) -> PackedBatch:
         seqs=seqs,
         sample_rows=torch.tensor(sample_rows, dtype=torch.long).to(device, non_blocking=True),
     )
+    if any(adapters):
+        batch.adapter_rows = torch.tensor(adapters, dtype=torch.long).to(device, non_blocking=True)
     if vis_rows:
         batch.visual_rows = torch.cat(vis_rows).to(device)
         batch.visual_embeds = torch.cat(vis_embeds)

@@ -48,6 +48,7 @@ from chat.engine.types import (
     GenerationFailed,
     NotReady,
     ShuttingDown,
+    UnknownAdapter,
     Usage,
 )
 
@@ -80,6 +81,7 @@ class Engine:
         max_running: int = 64,
         max_running_per_owner: int = 16,
         block_size: int = BLOCK_SIZE,
+        lora=None,
     ) -> None:
         self.runner = runner
         self.metrics = Metrics()
@@ -101,7 +103,9 @@ class Engine:
         self.kv = KVTensors(shape[0], blocks, block_size, shape[2], shape[3], dtype, runner.device)
         self.pool = BlockPool(blocks, block_size)
         self.scheduler = Scheduler(self.pool, max_batch_tokens, max_running, max_running_per_owner)
-        self.step_runner = ModelStep(model, self.kv)
+        self.lora = lora  # LoRA adapters served side by side (lora.py), or None
+        self.adapters: tuple[str, ...] = lora.names if lora is not None else ()
+        self.step_runner = ModelStep(model, self.kv, lora=lora)
         self.graphs = None  # CUDA graphs for decode-only steps, captured by warm-up on a GPU
         if runner.device.type == "cuda":
             from chat.engine.local.graphs import TritonAttention
@@ -181,6 +185,8 @@ class Engine:
             raise ShuttingDown()
         if not self.ready.is_set():
             raise NotReady()
+        if request.adapter and request.adapter not in self.adapters:
+            raise UnknownAdapter(request.adapter, self.adapters)
         return self._enqueue(request, on_finish)
 
     def _enqueue(self, request: ChatRequest, on_finish) -> Handle:
@@ -261,6 +267,8 @@ class Engine:
     def _sequence(self, handle: Handle) -> Sequence:
         seq = Sequence(handle, handle.prompt, self.pool.block_size, self.max_context, self.runner.eos_ids,
                        self.runner.processor.tokenizer, self.runner.token_table)
+        if self.lora is not None:
+            seq.adapter_index = self.lora.index.get(handle.request.adapter, 0)
         if seq.params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(seq.params.seed)
         return seq

@@ -62,9 +62,10 @@ class DecodeGraphs:
         self.sizes = [b for b in GRAPH_SIZES if b <= max(1, max_batch)]
         self.max_batch = self.sizes[-1]
         n = self.max_batch
-        # Token ids, positions, KV slots and lengths in one buffer, so a step's inputs are one copy.
-        self.meta = torch.zeros(4, n, dtype=torch.long, device=device)
+        # Token ids, positions, KV slots, lengths and LoRA adapters in one buffer, so a step's inputs are one copy.
+        self.meta = torch.zeros(5, n, dtype=torch.long, device=device)
         self.ids, self.pos, self.slots, self.seq_lens = self.meta[0], self.meta[1], self.meta[2], self.meta[3]
+        self.adapters = self.meta[4]
         self.tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
         self.logits = torch.zeros(n, step.lm_head.out_features, dtype=torch.float32, device=device)
         # Off a GPU (the tests run the kernels in Triton's interpreter) the step runs eagerly, uncaptured.
@@ -89,7 +90,7 @@ class DecodeGraphs:
                                         splits, workspace=self.workspace, scale=self.scale)
 
         pos = self.pos[:b].view(1, b).expand(3, b)
-        h = self.step.hidden(self.ids[:b], pos, self.slots[:b], attend)
+        h = self.step.hidden(self.ids[:b], pos, self.slots[:b], attend, adapter_rows=self.adapters[:b])
         self.logits[:b].copy_(self.step.lm_head(h).float())
 
     @torch.inference_mode()
@@ -115,7 +116,7 @@ class DecodeGraphs:
         torch.cuda.synchronize()
 
     def _reset(self, start: int) -> None:
-        self.meta[:3, start:].zero_()
+        self.meta[:, start:].zero_()
         self.seq_lens[start:].fill_(1)
         self.tables[start:].zero_()
 
@@ -131,7 +132,7 @@ class DecodeGraphs:
         self.steps += 1
         bs = self.kv.block_size
         width = max(len(c.seq.blocks) for c in plan.chunks)
-        meta = np.zeros((4, b), dtype=np.int64)
+        meta = np.zeros((5, b), dtype=np.int64)
         meta[3] = 1  # padding rows read one token of the scratch block
         table = np.zeros((b, width), dtype=np.int32)
         for i, chunk in enumerate(plan.chunks):
@@ -140,6 +141,7 @@ class DecodeGraphs:
             meta[1, i] = seq.text_position(p)  # a decode row is text: its three M-RoPE axes are equal
             meta[2, i] = seq.blocks[p // bs] * bs + p % bs
             meta[3, i] = p + 1
+            meta[4, i] = seq.adapter_index
             table[i, : len(seq.blocks)] = seq.blocks
         self.meta[:, :b].copy_(torch.from_numpy(meta), non_blocking=True)
         self.tables[:b, :width].copy_(torch.from_numpy(table), non_blocking=True)

@@ -48,10 +48,15 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def attention_in(x: torch.Tensor, w_qkv: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor, eps: float,
-                 cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, dim: int):
-    """A layer up to attention: the fused q/k/v projection, per-head norms and rotary; (q, k, v)."""
+                 cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, dim: int,
+                 extra: torch.Tensor | None = None):
+    """A layer up to attention: the fused q/k/v projection (plus `extra`, the LoRA adapters' share), per-head
+    norms and rotary; (q, k, v)."""
     t = x.shape[0]
-    q, k, v = F.linear(x, w_qkv).split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    qkv = F.linear(x, w_qkv)
+    if extra is not None:
+        qkv = qkv + extra
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
     q = norm_rope(q.reshape(t, heads, dim), q_norm, eps, cos, sin)
     k = norm_rope(k.reshape(t, kv_heads, dim), k_norm, eps, cos, sin)
     return q, k, v.reshape(t, kv_heads, dim)
@@ -92,6 +97,8 @@ def _stack(linears: list) -> torch.Tensor | None:
     if any(lin.bias is not None for lin in linears):
         return None
     weights = [lin.weight for lin in linears]
+    if not all(w.dtype.is_floating_point and w.device.type != "meta" for w in weights):
+        return None  # quantized (bitsandbytes) or offloaded (accelerate) weights: the modules run them
     if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
         return None
     fused = torch.cat([w.detach() for w in weights], dim=0)

@@ -37,8 +37,10 @@ class Sequence:
         self.request = request
         self.params = request.params
         self.prompt = prompt
-        self.salt = request.cache_salt
+        # An adapter changes every layer's keys and values: its KV state is its own (the chain's seed says which).
+        self.salt = request.cache_salt + (f"|lora={request.adapter}" if request.adapter else "")
         self.owner = request.cache_salt.split("|", 1)[0]
+        self.adapter_index = 0  # the engine's LoRA index for request.adapter (0: the base model)
         self.arrival = next(_arrivals)
         self.block_size = block_size
         self.tokens: list[int] = list(prompt.ids)

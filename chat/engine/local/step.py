@@ -53,6 +53,7 @@ class PackedBatch:
     visual_rows: torch.Tensor | None = None  # (V,) rows that hold image tokens
     visual_embeds: torch.Tensor | None = None  # (V, hidden)
     deepstack: list[torch.Tensor] = field(default_factory=list)  # per DeepStack layer, (V, hidden)
+    adapter_rows: torch.Tensor | None = None  # (T,) each row's LoRA adapter index (0: none); see lora.py
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -88,10 +89,14 @@ class PagedAttention:
         return out
 
 
+def _plus(x: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+    return x if extra is None else x + extra
+
+
 class ModelStep:
     """Runs packed batches through one Qwen3-VL decoder, reading and writing the paged pool."""
 
-    def __init__(self, model, kv: KVTensors, compiled: bool = False) -> None:
+    def __init__(self, model, kv: KVTensors, compiled: bool = False, lora=None) -> None:
         text = model.model.language_model
         cfg = model.config.get_text_config()
         self.layers = list(text.layers)
@@ -106,6 +111,7 @@ class ModelStep:
         self.kv = kv
         self.attention = PagedAttention(kv, self.layers[0].self_attn.scaling)
         self.ops = Ops(compiled)
+        self.lora = lora  # a LoraSet (lora.py) when adapters are loaded: every step adds their share
         # q/k/v and gate/up as one matrix multiply each (SiLU-gated MLPs only, as Qwen3-VL's is).
         self.fused = fuse_projections(self.layers) if getattr(cfg, "hidden_act", "silu") == "silu" else None
         # The whole after-attention half in one call needs bias-free output and down projections (Qwen3-VL's are).
@@ -114,13 +120,19 @@ class ModelStep:
 
     def hidden(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend,
                visual_rows: torch.Tensor | None = None, visual_embeds: torch.Tensor | None = None,
-               deepstack: list[torch.Tensor] = ()) -> torch.Tensor:
+               deepstack: list[torch.Tensor] = (), adapter_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states of tokens `ids` at (3, T) `positions`; KV written at `slots`.
 
         `attend(layer, q)` maps (T, heads, dim) queries to outputs, reading the pool after this
         layer's keys and values were written. Free of host syncs, so a decode step can be captured.
+        `adapter_rows` (T,): each row's LoRA adapter (0: the base model), when adapters are loaded.
         """
         t, ops, eps = ids.shape[0], self.ops, self.eps
+        lora = self.lora
+        if lora is not None:
+            if adapter_rows is None:
+                adapter_rows = torch.zeros(t, dtype=torch.long, device=ids.device)
+            masks = lora.masks(adapter_rows)
         h = self.embed(ids)
         if visual_rows is not None:
             h[visual_rows] = visual_embeds.to(h.dtype)
@@ -130,22 +142,32 @@ class ModelStep:
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             following = self.layers[i + 1].input_layernorm.weight if i + 1 < len(self.layers) else self.norm.weight
+            extra = lora.delta(i, "qkv", x, masks) if lora is not None else None
             if self.fused is not None:
                 q, k, v = ops.attention_in(x, self.fused[i][0], attn.q_norm.weight, attn.k_norm.weight, eps, cos, sin,
-                                           self.n_heads, self.n_kv, self.head_dim)
+                                           self.n_heads, self.n_kv, self.head_dim, extra)
             else:
-                q = ops.norm_rope(attn.q_proj(x).view(t, self.n_heads, self.head_dim), attn.q_norm.weight, eps, cos,
-                                  sin)
-                k = ops.norm_rope(attn.k_proj(x).view(t, self.n_kv, self.head_dim), attn.k_norm.weight, eps, cos, sin)
-                v = attn.v_proj(x).view(t, self.n_kv, self.head_dim)
+                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+                if extra is not None:
+                    dq, dk, dv = extra.split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
+                    q, k, v = q + dq, k + dk, v + dv
+                q = ops.norm_rope(q.view(t, self.n_heads, self.head_dim), attn.q_norm.weight, eps, cos, sin)
+                k = ops.norm_rope(k.view(t, self.n_kv, self.head_dim), attn.k_norm.weight, eps, cos, sin)
+                v = v.view(t, self.n_kv, self.head_dim)
             self.kv.write(i, slots, k, v)
             o = attend(i, q).reshape(t, -1)
-            if self.fused_out and i >= len(deepstack):
+            if self.fused_out and lora is None and i >= len(deepstack):
                 h, x = ops.attention_out(h, o, attn.o_proj.weight, layer.post_attention_layernorm.weight,
                                          self.fused[i][1], mlp.down_proj.weight, following, eps)
                 continue
-            h, x = ops.add_rms(h, attn.o_proj(o), layer.post_attention_layernorm.weight, eps)
-            if self.fused is not None:
+            h, x = ops.add_rms(h, _plus(attn.o_proj(o), lora and lora.delta(i, "o", o, masks)),
+                               layer.post_attention_layernorm.weight, eps)
+            if lora is not None:
+                gate_up = F.linear(x, self.fused[i][1]) if self.fused is not None else torch.cat(
+                    [mlp.gate_proj(x), mlp.up_proj(x)], dim=-1)
+                act = ops.swiglu(_plus(gate_up, lora.delta(i, "gate_up", x, masks)))
+                delta = _plus(mlp.down_proj(act), lora.delta(i, "down", act, masks))
+            elif self.fused is not None:
                 delta = mlp.down_proj(ops.swiglu(F.linear(x, self.fused[i][1])))
             else:
                 delta = mlp(x)
@@ -161,5 +183,5 @@ class ModelStep:
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         """Logits (float32) of `batch.sample_rows`; the batch's keys and values land in the pool."""
         h = self.hidden(batch.ids, batch.positions, batch.slots, lambda i, q: self.attention(i, q, batch),
-                        batch.visual_rows, batch.visual_embeds, batch.deepstack)
+                        batch.visual_rows, batch.visual_embeds, batch.deepstack, batch.adapter_rows)
         return self.lm_head(h.index_select(0, batch.sample_rows)).float()
