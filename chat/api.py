@@ -114,7 +114,7 @@ def _model_card(state: ApiState, name: str, created: int) -> dict:
 def _finish(done: Done, calls: bool, legacy: bool = False) -> str:
     if calls:
         return "function_call" if legacy else "tool_calls"
-    return "length" if done.finish_reason == "length" else "stop"
+    return done.finish_reason if done.finish_reason in ("length", "content_filter") else "stop"
 
 
 def _message(done: Done, meta: dict) -> tuple[dict, str]:

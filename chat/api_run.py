@@ -30,7 +30,7 @@ def usage_of(done: Done) -> dict:
 
 def engine_error(exc: EngineError) -> ApiError:
     """Map what `submit` raises to statuses the OpenAI clients understand (503s carry Retry-After)."""
-    if isinstance(exc, ContextTooLong):
+    if isinstance(exc, ContextTooLong) or exc.code == "content_filter":  # content_filter: chat/engine/filtered.py
         return bad(str(exc), "messages", exc.code)
     if isinstance(exc, (Busy, NotReady, ShuttingDown)):
         return ApiError(503, str(exc), "server_error", code=exc.code, headers=RETRY)

@@ -84,9 +84,21 @@ def start_engine(settings: Settings, store, ctx, server) -> None:
         return
     status.set("ready")
     placeholder = ctx.engine
-    ctx.engine = ctx.api.engine = engine
+    ctx.engine = ctx.api.engine = content_filtered(engine, settings)  # issue 14: --blocklist
     if placeholder is not None and hasattr(placeholder, "ready"):
         placeholder.ready.set()  # whoever waits on the stand-in learns the engine is ready
+
+
+def content_filtered(engine, settings: Settings):
+    """The engine behind the content filter (chat/engine/filtered.py), or itself without --blocklist."""
+    if not settings.blocklist:
+        return engine
+    from chat.engine.filtered import FilteredEngine
+    from chat.moderation import Blocklist
+
+    blocklist = Blocklist.from_file(settings.blocklist)
+    log.info("content filter: %d blocklist entries from %s", blocklist.size, settings.blocklist)
+    return FilteredEngine(engine, blocklist)
 
 
 def salt_secret(data_dir) -> bytes:
@@ -111,7 +123,7 @@ def start_remote_engine(settings: Settings, store, ctx) -> None:
     engine.start()
     ctx.status.set("ready")
     placeholder = ctx.engine
-    ctx.engine = ctx.api.engine = engine
+    ctx.engine = ctx.api.engine = content_filtered(engine, settings)  # issue 14: --blocklist
     if placeholder is not None and hasattr(placeholder, "ready"):
         placeholder.ready.set()
     log.info("no model is loaded here: answers come from %s", ", ".join(u["url"] for u in engine.health()))

@@ -112,11 +112,17 @@ class Settings:
         "", "Origins of browser apps that may call /v1 (CORS), e.g. https://app.example,http://localhost:3000; "
         "'*' allows any.", check="cors_origins",
     )
+    blocklist: str = _opt(
+        "", "Content filter: a UTF-8 file of words or phrases (one a line, any case, any language; '#' starts a "
+        "comment) refused in messages and cut from answers (chat/moderation.py).",
+    )
 
     def __post_init__(self) -> None:
         """Every value within what its setting allows (raises SettingsError naming the setting)."""
         for f in fields(self):
             _check(f, getattr(self, f.name))
+        if self.blocklist:  # issue 14: a list that cannot be used stops start-up, saying why
+            _check_blocklist(self.blocklist)
 
     @property
     def engine_urls(self) -> tuple[str, ...]:
@@ -180,6 +186,16 @@ def _check(f: Field, value) -> None:
         rule = _STRING_RULES.get(meta.get("check", ""))
         if rule is not None and not rule[0](value):
             raise _fail(f, rule[1], value)
+
+
+def _check_blocklist(path: str) -> None:
+    """--blocklist names a readable UTF-8 list (chat.moderation), else SettingsError with the reason."""
+    from chat.moderation import BlocklistError, read_blocklist
+
+    try:
+        read_blocklist(path)
+    except BlocklistError as exc:
+        raise SettingsError(f"--blocklist (VLCHAT_BLOCKLIST): {exc}") from None
 
 
 def _api_keys_ok(value: str) -> bool:

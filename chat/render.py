@@ -19,7 +19,10 @@ from markdown_it import MarkdownIt
 from chat.stats import with_details
 from chat.store import NotFound, Store
 
-STATUS_NOTE = {"stopped": "⏹ Stopped.", "interrupted": "⚠ Interrupted (the server restarted).", "pending": "…"}
+STATUS_NOTE = {"stopped": "⏹ Stopped.", "interrupted": "⚠ Interrupted (the server restarted).", "pending": "…",
+               "filtered": "⚠ Stopped by the content filter."}
+# A Done's finish_reason -> the answer's stored status (content_filter: chat/engine/filtered.py, issue 14).
+FINISH_STATUS = {"cancelled": "stopped", "content_filter": "filtered"}
 _LINK_SCHEMES = ("http", "https", "mailto")
 # The same markup Gradio's own Markdown renderer puts around code, so its copy button works.
 _COPY = ('<button title="copy" class="copy_code_button" aria-label="Copy code"><span class="copy-text">'

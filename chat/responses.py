@@ -182,7 +182,8 @@ def _call_item(call: Call, status: str = "completed") -> dict:
 def response_object(meta: dict, status: str, output: list[dict], done: Done | None = None,
                     error: dict | None = None) -> dict:
     """The Response object in a given state."""
-    incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
+    cut = done is not None and done.finish_reason == "content_filter"  # issue 14: chat/engine/filtered.py
+    incomplete = {"reason": "content_filter" if cut else "max_output_tokens"} if status == "incomplete" else None
     return {"id": meta["response_id"], "object": "response", "created_at": meta["created"], "status": status,
             "error": error, "incomplete_details": incomplete, "model": meta["model"], "output": output,
             "usage": _usage(done), "store": False, "previous_response_id": None, "reasoning": None,
@@ -190,7 +191,7 @@ def response_object(meta: dict, status: str, output: list[dict], done: Done | No
 
 
 def _status(done: Done) -> str:
-    return "incomplete" if done.finish_reason == "length" else "completed"
+    return "incomplete" if done.finish_reason in ("length", "content_filter") else "completed"
 
 
 def answer(meta: dict, done: Done) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-STATUSES = ("pending", "complete", "stopped", "error", "interrupted")
+STATUSES = ("pending", "complete", "stopped", "error", "interrupted", "filtered")  # filtered: content filter
 ROLES = ("system", "user", "assistant")
 SHA_RE = re.compile(r"[0-9a-f]{64}")
 

@@ -25,7 +25,7 @@ import gradio as gr
 
 from chat.engine.types import Delta, Done, Failed
 from chat.notices import Notice
-from chat.render import answer_content
+from chat.render import FINISH_STATUS, answer_content
 from chat.stats import timing, with_details
 from chat.store import NotFound
 
@@ -170,7 +170,7 @@ class Turn:
                 del self.ctx.running[self.conv_id]
         try:
             if isinstance(event, Done):
-                status = "stopped" if event.finish_reason == "cancelled" else "complete"
+                status = FINISH_STATUS.get(event.finish_reason, "complete")
                 self.usage = {**event.usage.as_dict(), **timing(self.started, self.first_at, time.monotonic(),
                                                                 event.usage.completion_tokens)}
                 store.update_message(self.answer_id, text=event.text, status=status, usage=self.usage)
@@ -220,6 +220,8 @@ def _done_note(event: Done) -> str:
     note = "Stopped." if event.finish_reason == "cancelled" else ""
     if event.finish_reason == "length":
         note = "The answer reached the length limit (Settings → Max new tokens)."
+    if event.finish_reason == "content_filter":
+        note = "The answer was stopped by the content filter."
     return f"{event.notice} {note}".strip()
 
 
@@ -277,7 +279,7 @@ def stream(ctx: Ctx, turn: Turn, handle, session: str, token: int, history: list
                     shown, drawn_at = text, time.monotonic()
                     yield skip, history, skip, skip, skip, skip
             elif isinstance(event, Done):
-                status = "stopped" if event.finish_reason == "cancelled" else "complete"
+                status = FINISH_STATUS.get(event.finish_reason, "complete")
                 usage = turn.seen_done(event)
                 history[-1] = {"role": "assistant", "content": with_details(answer_content(event.text, status), usage)}
                 yield skip, history, skip, skip, _done_note(event), skip
