@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from markdown_it import MarkdownIt
 
+from chat import trim  # issue 14: an answer from a shortened conversation says so
 from chat.stats import with_details
 from chat.store import NotFound, Store
 
@@ -141,7 +142,7 @@ def chat_history(store: Store, rows: list[dict]) -> list[dict]:
             out.append({"role": "user", "content": content})
         elif row["role"] == "assistant":
             usage = row.get("usage") or {}
-            content = answer_content(row["text"], row["status"], usage.get("error", ""))
+            content = trim.with_note(answer_content(row["text"], row["status"], usage.get("error", "")), usage)
             out.append({"role": "assistant", "content": with_details(content, usage)})  # chat.stats (issue 13)
         if out and row["role"] in ("user", "assistant"):
             _mark_version(out[-1], row)

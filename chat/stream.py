@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import gradio as gr
 
+from chat import trim
 from chat.engine.types import Delta, Done, Failed
 from chat.notices import Notice
 from chat.render import FINISH_STATUS, answer_content
@@ -121,6 +122,7 @@ class Turn:
         self.started = time.monotonic()
         self.first_at: float | None = None
         self.usage: dict | None = None
+        self.extra: dict = {}  # more to store with the usage (issue 14: chat.trim's "turns left out")
 
     def attach(self, conv_id: str, answer_id: int, question_id: int | None = None,
                image_ids: list[str] | None = None, handle=None) -> None:
@@ -154,7 +156,7 @@ class Turn:
         """The stream saw the Done: its timings (first text seen -> end seen) are the ones stored and shown."""
         with self._lock:
             usage = {**event.usage.as_dict(), **timing(self.started, self.first_at, time.monotonic(),
-                                                       event.usage.completion_tokens)}
+                                                       event.usage.completion_tokens), **self.extra}
             if usage != self.usage and self.answer_id is not None:
                 try:
                     self.ctx.store.update_message(self.answer_id, usage=usage)
@@ -172,7 +174,7 @@ class Turn:
             if isinstance(event, Done):
                 status = FINISH_STATUS.get(event.finish_reason, "complete")
                 self.usage = {**event.usage.as_dict(), **timing(self.started, self.first_at, time.monotonic(),
-                                                                event.usage.completion_tokens)}
+                                                                event.usage.completion_tokens), **self.extra}
                 store.update_message(self.answer_id, text=event.text, status=status, usage=self.usage)
             elif event.code == "context_length_exceeded":  # refused: the question goes back to the box
                 for message_id in (self.answer_id, self.question_id):
@@ -281,8 +283,10 @@ def stream(ctx: Ctx, turn: Turn, handle, session: str, token: int, history: list
             elif isinstance(event, Done):
                 status = FINISH_STATUS.get(event.finish_reason, "complete")
                 usage = turn.seen_done(event)
-                history[-1] = {"role": "assistant", "content": with_details(answer_content(event.text, status), usage)}
-                yield skip, history, skip, skip, _done_note(event), skip
+                content = trim.with_note(answer_content(event.text, status), usage)  # issue 14: turns left out
+                history[-1] = {"role": "assistant", "content": with_details(content, usage)}
+                line = " ".join(filter(None, (_done_note(event), trim.note_text(usage))))
+                yield skip, history, skip, skip, line, skip
             elif event.code == "context_length_exceeded":
                 # Refused after the question was stored (and shown): both are gone again.
                 back = give_back() if give_back is not None else skip

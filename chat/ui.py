@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
+from chat import trim
 from chat.config import Settings
 from chat.conversation import (
     attachment_preview,
@@ -279,7 +280,10 @@ def _submit(ctx: Ctx, owner: str, conv_id: str | None, rows: list[dict], setting
     request = ChatRequest(engine_messages(rows, system), params, session=conv_id, cache_salt=owner,
                           images=images or {})
     try:
-        handle = ctx.engine.submit(request, on_finish=turn.on_finish)
+        # issue 14 (chat/trim.py): too long for the context -> the oldest turns are left out, and the answer says so
+        handle, trimmed = trim.submit(ctx.engine, request, turn.on_finish, enabled=ctx.settings.trim_history)
+        if trimmed is not None:
+            turn.extra.update(trimmed.as_usage())
     except EngineError as exc:
         raise Notice(f"{exc} Your message is still in the box.") from None
     result = handle.result
