@@ -126,6 +126,9 @@ def create_app(settings: Settings):
         log.warning("%s", reason)
     ctx.api = ApiState(settings=settings, engine=ctx.engine, model_name=ctx.model_name, keys=settings.api_keys,
                        open=is_open, closed_reason=reason)
+    from chat.ratelimit_gate import Gate
+
+    ctx.limits = ctx.api.limits = Gate.from_settings(settings)  # issue 14: --rate-limit, --token-limit
     app.include_router(router(ctx.api))
 
     @app.exception_handler(ApiError)
@@ -160,6 +163,7 @@ def create_app(settings: Settings):
                                 status_code=401, headers={"www-authenticate": "Bearer"})
         registry = getattr(ctx.engine, "metrics", None)
         data = registry.render() if registry is not None else b""
+        data += ctx.limits.render()  # vlchat_rate_limited_total (chat/ratelimit_gate.py)
         return Response(data, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     app.add_route("/metrics", metrics, methods=["GET"])

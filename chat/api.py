@@ -40,6 +40,7 @@ from chat.api_run import Generation, clamp_headers, engine_error, failed_error, 
 from chat.config import Settings
 from chat.engine.types import Delta, Done, Failed
 from chat.openai_parse import ApiError, bad, parse_json, parse_request
+from chat.ratelimit_gate import api_ticket, limit_headers
 from chat.tools import ToolCallStream, content_and_calls
 
 __all__ = ["ApiError", "ApiState", "bad", "engine_error", "failed_error", "owner_of_key", "router"]
@@ -57,6 +58,7 @@ class ApiState:
     keys: tuple[str, ...] = ()
     open: bool = True
     closed_reason: str = ""
+    limits: object = None  # chat.ratelimit_gate.Gate (--rate-limit, --token-limit), set by app.py
 
     def model_names(self) -> tuple[str, ...]:
         """Every name a request may ask for: the served model's, the alias 'vlchat', the configured --model."""
@@ -145,9 +147,10 @@ def router(state: ApiState) -> APIRouter:
     @api.post("/chat/completions")
     async def chat_completions(request: Request):
         owner = check_key(state, request)
+        ticket = api_ticket(state, request, owner)  # over the rate limit: 429 before the body is read
         chat_request, meta = await parsed(state, request, owner)
-        gen = await Generation.start(request, state.engine, chat_request)
-        headers = clamp_headers(meta)
+        gen = await Generation.start(request, state.engine, chat_request, ticket.on_finish())
+        headers = {**clamp_headers(meta), **limit_headers(ticket)}
         if meta["stream"]:
             gen.stream()
             return StreamingResponse(stream(gen.handle, gen.events, gen.first, meta), media_type="text/event-stream",

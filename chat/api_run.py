@@ -66,10 +66,14 @@ class Generation:
         self.handed_over = False
 
     @classmethod
-    async def start(cls, request: Request, engine, chat_request) -> Generation:
-        """Submit (in a thread: it renders and tokenizes) and wait for the first event; errors as ApiError."""
+    async def start(cls, request: Request, engine, chat_request, on_finish=None) -> Generation:
+        """Submit (in a thread: it renders and tokenizes) and wait for the first event; errors as ApiError.
+
+        `on_finish`: the engine's callback with the final event (the rate limit charges the answer's tokens).
+        """
         try:
-            handle = await asyncio.to_thread(engine.submit, chat_request)
+            args = (chat_request,) if on_finish is None else (chat_request, on_finish)
+            handle = await asyncio.to_thread(engine.submit, *args)
         except EngineError as exc:
             raise engine_error(exc) from None
         events = handle.aevents()

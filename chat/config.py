@@ -77,6 +77,14 @@ class Settings:
     max_running_per_owner: int = _opt(
         16, "Requests one owner (a browser, a login or an API key) may have generating at once.", lo=1
     )
+    rate_limit: str = _opt(
+        "", "Requests (API calls, page messages) one API key, browser or login may make, e.g. 60/minute; several "
+        "as 10/second,60/minute; per address on a keyless API (chat/ratelimit_gate.py).", check="rates",
+    )
+    token_limit: str = _opt(
+        "", "Tokens (prompt plus answer) one API key, browser or login may use, e.g. 100000/minute (per second, "
+        "minute or hour; several separated by commas).", check="rates",
+    )
     cpu_threads: int = _opt(
         0, "Torch threads for the model on the CPU; 0 picks one per core but one (left to the web server), at "
         "most 8. With several servers on one machine, lower it.", lo=0,
@@ -205,6 +213,16 @@ def _api_keys_ok(value: str) -> bool:
     return not value or (any(keys) and all(re.fullmatch(r"[!-~]*", k) for k in keys))
 
 
+def _rates_ok(value: str) -> bool:
+    from chat.ratelimit import parse_rates
+
+    try:
+        parse_rates(value)
+    except ValueError:
+        return False
+    return True
+
+
 def _engine_urls_ok(value: str) -> bool:
     urls = [u.strip() for u in value.split(",")]
     return not value.strip() or all(re.fullmatch(r"https?://[^\s/?#,]+(/[^\s?#,]*)?", u) for u in urls)
@@ -221,6 +239,8 @@ _STRING_RULES = {
     "engine_url": (_engine_urls_ok, "empty, or http(s) URLs such as http://gpu-box:8000/v1 separated by commas"),
     "engine_key": (lambda v: bool(re.fullmatch(r"[!-~]*", v)), "printable ASCII without spaces"),
     "header": (lambda v: bool(re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]*", v)), "an HTTP header name (or empty)"),
+    "rates": (_rates_ok, "empty (no limit), or a count per second, minute or hour such as 60/minute; several "
+              "separated by commas, e.g. 10/second,60/minute"),
     "cors_origins": (lambda v: all(o == "*" or re.fullmatch(r"https?://[^\s/?#,]+", o)
                                    for o in (x.strip().rstrip("/") for x in v.split(",")) if o),
                      "empty, '*', or origins such as https://app.example:8443 separated by commas"),

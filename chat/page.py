@@ -15,7 +15,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from chat import describe, history_io, notices, search, versions  # history_io, search, versions: issue 13
+from chat import admin, describe, history_io, notices, search, versions  # history_io, search, versions: issue 13
 from chat.conversation import DEFAULT_MODE, MODES
 from chat.i18n import I18N
 from chat.i18n import label as L  # issue 13 (ux): labels translated in the browser (chat/i18n.py)
@@ -290,5 +290,6 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
         import_btn.upload(bind(history_io.import_conversation, ctx, 6), [import_btn],
                           [conv_id, chatbot, title, mode, conv_list, status, *note], **PRIVATE).then(**follow)
         # -- end issue 13 (history) --
+        admin.panel(ctx, demo, PRIVATE)  # issue 14 (accounts): usage per user, for admins only
         demo.unload(bind(page_closed, ctx))
     return demo

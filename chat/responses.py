@@ -299,10 +299,12 @@ async def stream(gen: Generation, meta: dict):
 def add_routes(api: APIRouter, state) -> None:
     """POST /v1/responses on the /v1 router."""
     from chat.api import check_key, parsed
+    from chat.ratelimit_gate import api_ticket, limit_headers
 
     @api.post("/responses")
     async def create_response(request: Request):
         owner = check_key(state, request)
+        ticket = api_ticket(state, request, owner)  # over the rate limit: 429 before the body is read
         locs: list[str] = []
         try:
             chat_request, meta = await parsed(state, request, owner,
@@ -311,10 +313,10 @@ def add_routes(api: APIRouter, state) -> None:
             raise relocated(exc, locs) from None
         meta = {**meta, "response_id": "resp_" + uuid.uuid4().hex, "created": int(time.time())}
         try:
-            gen = await Generation.start(request, state.engine, chat_request)
+            gen = await Generation.start(request, state.engine, chat_request, ticket.on_finish())
         except ApiError as exc:
             raise relocated(exc, locs) from None
-        headers = clamp_headers(meta)
+        headers = {**clamp_headers(meta), **limit_headers(ticket)}
         if meta["stream"]:
             gen.stream()
             return StreamingResponse(stream(gen, meta), media_type="text/event-stream",

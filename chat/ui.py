@@ -39,6 +39,7 @@ from chat.engine.types import ChatRequest, EngineError, Failed
 from chat.i18n import lang_of
 from chat.images import DEFAULT_DETAIL, DETAILS, plan
 from chat.notices import Notice
+from chat.ratelimit_gate import page_ticket
 from chat.render import chat_history
 from chat.store import NotFound, Store
 from chat.stream import Turn, forget_session, stream, switch_view, view_token, wait_turn
@@ -68,6 +69,7 @@ class Ctx:
     model_name: str = ""
     exit_code: int = 0
     api: object = None  # the /v1 state (chat.api.ApiState), set by app.py
+    limits: object = None  # chat.ratelimit_gate.Gate (--rate-limit, --token-limit; issue 14), set by app.py
     status: object = None  # chat.engine.types.LoadStatus: start-up progress ("Loading the model, 43%")
     active: dict[str, object] = field(default_factory=dict)  # Gradio session -> Handle it is drawing
     running: dict[str, object] = field(default_factory=dict)  # conversation id -> Handle answering it
@@ -279,12 +281,15 @@ def _submit(ctx: Ctx, owner: str, conv_id: str | None, rows: list[dict], setting
     params = ctx.settings.clamp_params(settings["temperature"], settings["top_p"], settings["max_new_tokens"])
     request = ChatRequest(engine_messages(rows, system), params, session=conv_id, cache_salt=owner,
                           images=images or {})
+    ticket = page_ticket(ctx.limits, owner)  # issue 14: over the rate limit -> a Notice saying when; nothing stored
     try:
         # issue 14 (chat/trim.py): too long for the context -> the oldest turns are left out, and the answer says so
-        handle, trimmed = trim.submit(ctx.engine, request, turn.on_finish, enabled=ctx.settings.trim_history)
+        handle, trimmed = trim.submit(ctx.engine, request, ticket.on_finish(turn.on_finish),
+                                      enabled=ctx.settings.trim_history)
         if trimmed is not None:
             turn.extra.update(trimmed.as_usage())
     except EngineError as exc:
+        ticket.refund()  # busy or loading: the message did not count against the rate limit
         raise Notice(f"{exc} Your message is still in the box.") from None
     result = handle.result
     if isinstance(result, Failed) and result.code == "context_length_exceeded":
