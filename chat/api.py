@@ -38,6 +38,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from chat.api_run import Generation, clamp_headers, engine_error, failed_error, read_body, usage_of
 from chat.config import Settings
+from chat.engine.sampling_defaults import defaults_of
 from chat.engine.types import Delta, Done, Failed
 from chat.openai_parse import ApiError, bad, parse_json, parse_request
 from chat.ratelimit_gate import api_ticket, limit_headers
@@ -102,7 +103,8 @@ async def parsed(state: ApiState, request: Request, owner: str, convert=None):
         if convert is not None:
             body, extra = convert(body)
         chat_request, meta = parse_request(state.settings, body, model_names=state.model_names(), owner=owner,
-                                           max_prompt_chars=getattr(engine, "max_prompt_chars", None))
+                                           max_prompt_chars=getattr(engine, "max_prompt_chars", None),
+                                           defaults=defaults_of(engine))  # issue 14: sampling defaults
         return chat_request, {**meta, **extra}
 
     return await asyncio.to_thread(parse)

@@ -298,6 +298,7 @@ class ResponsesRequest(_Model):
     top_p: TopP | None = None
     top_k: TopK | None = None
     presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     seed: Seed | None = None
     stream: bool | None = None
     tools: list[ResponseTool] | None = None

@@ -75,6 +75,7 @@ def start_engine(settings: Settings, store, ctx, server) -> None:
         _fail(ctx, server, message)
         return
     ctx.model_name = ctx.api.model_name = loaded.name
+    engine.sampling_defaults = loaded.sampling_defaults  # issue 14: page and API fill missing values from it
     status.set("warming-up")
     engine.start(warmup=True)
     engine.warmed.wait()

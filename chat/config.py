@@ -20,6 +20,7 @@ import sys
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 
+from chat.engine.sampling_defaults import CARD, SamplingDefaults
 from chat.engine.types import GenParams
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -145,14 +146,22 @@ class Settings:
         return tuple(k.strip() for k in self.api_key.split(",") if k.strip())
 
     def clamp_params(
-        self, temperature: float | None, top_p: float | None, max_new_tokens: int | None, **extra
+        self, temperature: float | None, top_p: float | None, max_new_tokens: int | None, *,
+        defaults: SamplingDefaults | None = None, top_k: int | None = None, presence_penalty: float | None = None,
+        frequency_penalty: float | None = None, **extra
     ) -> GenParams:
-        """Sampling settings within safe bounds (missing values take the defaults)."""
-        t = 0.7 if temperature is None else min(max(float(temperature), 0.0), 2.0)
-        p = 0.9 if top_p is None else min(max(float(top_p), 0.01), 1.0)
+        """Sampling settings within safe bounds; a missing value takes `defaults` (the checkpoint's generation
+        config, else the model card's: chat/engine/sampling_defaults.py, issue 14)."""
+        d = defaults or CARD
+        t = d.temperature if temperature is None else min(max(float(temperature), 0.0), 2.0)
+        p = d.top_p if top_p is None else min(max(float(top_p), 0.01), 1.0)
+        k = d.top_k if top_k is None else min(max(int(top_k), 0), 1_000_000)  # -1 (vLLM's "off") -> 0
+        pp = d.presence_penalty if presence_penalty is None else min(max(float(presence_penalty), -2.0), 2.0)
+        fp = d.frequency_penalty if frequency_penalty is None else min(max(float(frequency_penalty), -2.0), 2.0)
         n = self.default_max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         n = min(max(n, 1), self.max_new_tokens_limit)
-        return GenParams(temperature=t, top_p=p, max_new_tokens=n, **extra)
+        return GenParams(temperature=t, top_p=p, top_k=k, presence_penalty=pp, frequency_penalty=fp,
+                         max_new_tokens=n, **extra)
 
 
 def _env_name(name: str) -> str:

@@ -83,6 +83,29 @@ MODES: dict[str, Mode] = {
                                             "and how near."),
             ),
         ),
+        # -- issue 14 (product listing): a shop's listing from product photos --
+        Mode(
+            "product",
+            "Product listing",
+            "You write product listings for an online shop from the user's product photos and notes. Answer in "
+            "exactly three parts, with these headings: '## Title' (one line of at most 80 characters: brand if "
+            "visible, product type, the key attribute such as material, size or colour), '## Selling points' (3 to "
+            "5 bullet points, each one concrete benefit a buyer cares about) and '## Description' (one or two short "
+            "paragraphs: what it is, what it is made of, how it is used, what is included). Use only what the "
+            "photos show or the user says; never invent specifications, certifications, prices or brand names. "
+            "If something a buyer needs (size, material, model) cannot be seen, say what to add.",
+            0.7,
+            1024,
+            "Write a product listing for this product: a title, selling points and a description.",
+            (
+                ("Shorter title", "Give me three shorter alternative titles, at most 50 characters each."),
+                ("More selling points", "Suggest more selling points, each about something visible in the photos."),
+                ("Friendlier tone", "Rewrite the description in a warmer, more conversational tone."),
+                ("What is missing?", "Which details should I add so buyers can decide (size, material, what is "
+                                     "included)?"),
+            ),
+        ),
+        # -- end issue 14 (product listing) --
     )
 }
 DEFAULT_MODE = "general"
@@ -129,6 +152,23 @@ _ZH_CN: dict[str, dict] = {
             ("有东西挡路吗？", "前方有没有挡路的东西或任何危险？请说明它在哪里、有多近。"),
         ),
     },
+    # -- issue 14 (product listing) --
+    "product": {
+        "label": "商品文案",
+        "system_prompt": "你根据用户的商品照片和说明为网店撰写商品文案。回答严格分为三部分，使用以下标题："
+                         "“## 标题”（一行，不超过 40 个汉字：可见的品牌、商品类型，以及材质、尺寸或颜色等关键属性）、"
+                         "“## 卖点”（3 到 5 条要点，每条写一个买家关心的具体好处）和“## 商品描述”（一两段简短文字："
+                         "是什么、用什么做的、怎么用、包含什么）。只使用照片中能看到的或用户说明的内容；不要编造规格、"
+                         "认证、价格或品牌。买家需要的信息（尺寸、材质、型号）看不出来时，说明需要补充什么。",
+        "describe_prompt": "请为这件商品写一份商品文案：标题、卖点和商品描述。",
+        "follow_ups": (
+            ("更短的标题", "请给出三个更短的备选标题，每个不超过 25 个汉字。"),
+            ("更多卖点", "请再提出一些卖点，每条都基于照片中能看到的内容。"),
+            ("语气更亲切", "请用更亲切、更口语化的语气改写商品描述。"),
+            ("还缺什么？", "我还应该补充哪些信息，买家才能做决定（尺寸、材质、包含的配件）？"),
+        ),
+    },
+    # -- end issue 14 (product listing) --
 }
 
 

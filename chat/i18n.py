@@ -31,6 +31,7 @@ PAGE = {
         "mode.general": "General chat",
         "mode.troubleshoot": "Screenshot troubleshooting",
         "mode.scene": "Scene description",
+        "mode.product": "Product listing",  # issue 14
         "conversation": "Conversation",
         "chat_placeholder": "Attach or paste an image and ask about it, or press Describe a photo.",
         "ask_next": "Ask next:",
@@ -47,6 +48,9 @@ PAGE = {
         "settings": "Settings",
         "temperature": "Temperature",
         "top_p": "Top p",
+        "top_k": "Top k (0: off)",  # issue 14: sampling panel
+        "presence_penalty": "Presence penalty",
+        "frequency_penalty": "Frequency penalty",
         "max_new_tokens": "Max new tokens",
         "system_override": "System prompt override (empty: the mode's prompt)",
     },
@@ -61,6 +65,7 @@ PAGE = {
         "mode.general": "通用对话",
         "mode.troubleshoot": "截图排错",
         "mode.scene": "场景描述",
+        "mode.product": "商品文案",  # issue 14
         "conversation": "对话内容",
         "chat_placeholder": "附加或粘贴图片并提问，或按“描述照片”。",
         "ask_next": "接着问：",
@@ -77,6 +82,9 @@ PAGE = {
         "settings": "设置",
         "temperature": "温度",
         "top_p": "Top p",
+        "top_k": "Top k（0：关闭）",  # issue 14: sampling panel
+        "presence_penalty": "存在惩罚",
+        "frequency_penalty": "频率惩罚",
         "max_new_tokens": "最大新 token 数",
         "system_override": "覆盖系统提示词（留空：使用模式的提示词）",
     },

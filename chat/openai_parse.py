@@ -327,7 +327,7 @@ def _tools(req: ChatCompletionRequest) -> tuple[list[dict] | None, bool]:
 
 
 def parse_request(settings: Settings, body, *, model_names: tuple[str, ...], owner: str,
-                  max_prompt_chars: int | None = None) -> tuple[ChatRequest, dict]:
+                  max_prompt_chars: int | None = None, defaults=None) -> tuple[ChatRequest, dict]:
     """The whole request: (engine request, {"stream", "include_usage", "model", "id", "created", "tools",
     "legacy_functions", "clamped"})."""
     if not isinstance(body, dict):
@@ -379,11 +379,12 @@ def parse_request(settings: Settings, body, *, model_names: tuple[str, ...], own
     _check_images(settings, images)
     inline: dict[str, bytes] = {}
     _decode_images(settings, messages, inline)
-    top_k = req.top_k or 0
+    # A value left out takes the model's default (issue 14: its generation config, else the model card's).
     params = settings.clamp_params(req.temperature, req.top_p, max_tokens, seed=req.seed, stop=stop,
                                    # asked for more than the limit: as much as the context has room for, up to it
-                                   fit_to_context=max_tokens is None or asked > limit, top_k=max(0, top_k),
-                                   presence_penalty=float(req.presence_penalty or 0.0))
+                                   fit_to_context=max_tokens is None or asked > limit, top_k=req.top_k,
+                                   presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                                   defaults=defaults)
     meta = {"stream": stream, "include_usage": bool(req.stream_options and req.stream_options.include_usage),
             "model": model, "id": "chatcmpl-" + uuid.uuid4().hex, "created": int(time.time()),
             "tools": read_calls, "legacy_functions": read_calls and not req.tools,

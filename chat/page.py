@@ -17,9 +17,11 @@ import gradio as gr
 
 from chat import admin, describe, history_io, notices, search, versions  # history_io, search, versions: issue 13
 from chat.conversation import DEFAULT_MODE, MODES
+from chat.engine.sampling_defaults import CARD
 from chat.i18n import I18N
 from chat.i18n import label as L  # issue 13 (ux): labels translated in the browser (chat/i18n.py)
 from chat.notices import Notice
+from chat.sampling_panel import controls, page_defaults, restore  # issue 14: top k and penalties in the settings
 from chat.ui import (
     PLACEHOLDER,
     Ctx,
@@ -200,7 +202,8 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
         with gr.Accordion(L("settings"), open=False, elem_id="settings"):
             temperature = gr.Slider(0.0, 2.0, value=default.temperature, step=0.05, label=L("temperature"),
                                     elem_id="temperature")
-            top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label=L("top_p"), elem_id="top-p")
+            top_p = gr.Slider(0.05, 1.0, value=CARD.top_p, step=0.05, label=L("top_p"), elem_id="top-p")
+            penalties = controls()  # issue 14: top k, presence and frequency penalty
             max_new = gr.Slider(16, ctx.settings.max_new_tokens_limit, value=default.max_new_tokens, step=16,
                                 label=L("max_new_tokens"), elem_id="max-new-tokens")
             system = gr.Textbox(label=L("system_override"), lines=3,
@@ -228,21 +231,23 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
                  "outputs": [version_target, version_line, prev_btn, next_btn, edit_text, edit_btn, version_seen],
                  "show_progress": "hidden", **PRIVATE}
         # "multiple": a message sent while the answer streams reaches the server, which holds it until then.
-        box.submit(bind(send, ctx, len(outputs)), [conv_id, box, *sampling, detail], [*outputs, *note],
+        box.submit(bind(send, ctx, len(outputs)), [conv_id, box, *sampling, detail, *penalties], [*outputs, *note],
                    concurrency_limit=None, trigger_mode="multiple", **PRIVATE).then(**follow).then(**panel)
         # "multiple": pressed while an answer is coming, they reach the server, which says why it waits
         # (the browser would drop a second press of a pending event without a word).
-        describe_btn.upload(bind(describe.describe, ctx, len(outputs)), [conv_id, describe_btn, *sampling, detail],
+        describe_btn.upload(bind(describe.describe, ctx, len(outputs)),
+                            [conv_id, describe_btn, *sampling, detail, *penalties],
                             [*outputs, *note], concurrency_limit=None, trigger_mode="multiple", **PRIVATE
                             ).then(**follow).then(**panel)
         for btn in follow_btns:
-            btn.click(bind(describe.follow_up, ctx, len(outputs)), [btn, conv_id, *sampling, detail],
+            btn.click(bind(describe.follow_up, ctx, len(outputs)), [btn, conv_id, *sampling, detail, *penalties],
                       [*outputs, *note], concurrency_limit=None, trigger_mode="multiple", **PRIVATE
                       ).then(**follow).then(**panel)
         for source in (box, detail, max_new):
             source.change(bind(preview, ctx), preview_inputs, [attachments], queue=True, show_progress="hidden",
                           **PRIVATE)
-        regenerated = regen_btn.click(bind(regenerate, ctx, len(outputs)), [conv_id, *sampling], [*outputs, *note],
+        regenerated = regen_btn.click(bind(regenerate, ctx, len(outputs)), [conv_id, *sampling, *penalties],
+                                      [*outputs, *note],
                                       concurrency_limit=None, **PRIVATE).then(**follow)
         # No `cancels=`: the engine ends the answer and the streaming handler shows it as stopped.
         stop_btn.click(bind(stop, ctx), None, [status], **PRIVATE)
@@ -275,7 +280,8 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
         for btn, fn in ((prev_btn, versions.previous_version), (next_btn, versions.next_version)):
             btn.click(bind(fn, ctx, 1 + len(version_outs)), [conv_id, version_target], [chatbot, *version_outs, *note],
                       show_progress="hidden", **PRIVATE).then(**follow)
-        edited = edit_btn.click(bind(versions.edit, ctx, len(outputs)), [conv_id, version_target, edit_text, *sampling],
+        edited = edit_btn.click(bind(versions.edit, ctx, len(outputs)),
+                                [conv_id, version_target, edit_text, *sampling, *penalties],
                                 [*outputs, *note], concurrency_limit=None, **PRIVATE).then(**follow)
         # Once a new version has streamed, the chat is drawn again from the store: it says "Version k of n".
         for event in (regenerated, edited):
@@ -291,5 +297,10 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
                           [conv_id, chatbot, title, mode, conv_list, status, *note], **PRIVATE).then(**follow)
         # -- end issue 13 (history) --
         admin.panel(ctx, demo, PRIVATE)  # issue 14 (accounts): usage per user, for admins only
+        # -- issue 14 (sampling): the panel starts at the model's defaults; a reopened conversation's come back --
+        demo.load(bind(page_defaults, ctx), None, [top_p, *penalties], show_progress="hidden",
+                  **PRIVATE)
+        conv_list.input(bind(restore, ctx), [conv_list], penalties, show_progress="hidden", **PRIVATE)
+        # -- end issue 14 (sampling) --
         demo.unload(bind(page_closed, ctx))
     return demo

@@ -117,7 +117,8 @@ def to_chat(body, locs: list[str], settings) -> tuple[dict, dict]:
     else:
         messages.extend(_items(req.input, locs))
     chat = {"model": req.model, "messages": messages, "stream": bool(req.stream)}
-    for name in ("temperature", "top_p", "top_k", "presence_penalty", "seed", "cache_salt", "parallel_tool_calls"):
+    for name in ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "seed", "cache_salt",
+                 "parallel_tool_calls"):
         if getattr(req, name) is not None:
             chat[name] = getattr(req, name)
     if req.max_output_tokens is not None:

@@ -35,6 +35,7 @@ from chat.conversation import (
     mode_for,
     title_from,
 )
+from chat.engine.sampling_defaults import defaults_of
 from chat.engine.types import ChatRequest, EngineError, Failed
 from chat.i18n import lang_of
 from chat.images import DEFAULT_DETAIL, DETAILS, plan
@@ -263,9 +264,13 @@ def preview(ctx: Ctx, conv_id, box, detail, max_new_tokens, request: gr.Request)
                               int(max_new_tokens))
 
 
-def _turn_settings(temperature, top_p, max_new_tokens, system, detail: str | None = None) -> dict:
-    """The sampling settings stored with a message (detail only where images were attached)."""
+def _turn_settings(temperature, top_p, max_new_tokens, system, detail: str | None = None, **sampling) -> dict:
+    """The sampling settings stored with a message (detail only where images were attached).
+
+    `sampling`: top_k, presence_penalty, frequency_penalty from the settings panel (issue 14; None: not given,
+    the model's default applies and nothing is stored)."""
     settings = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "system": system or ""}
+    settings.update({k: v for k, v in sampling.items() if v is not None})
     if detail is not None:
         settings["detail"] = detail if detail in DETAILS else DEFAULT_DETAIL
     return settings
@@ -278,7 +283,10 @@ def _submit(ctx: Ctx, owner: str, conv_id: str | None, rows: list[dict], setting
     `lang`: the page's language (chat.i18n); the mode's prompt is in it (issue 13).
     """
     system = settings["system"].strip() or localized(mode_for(mode), lang).system_prompt
-    params = ctx.settings.clamp_params(settings["temperature"], settings["top_p"], settings["max_new_tokens"])
+    params = ctx.settings.clamp_params(settings["temperature"], settings["top_p"], settings["max_new_tokens"],
+                                       defaults=defaults_of(ctx.engine), top_k=settings.get("top_k"),
+                                       presence_penalty=settings.get("presence_penalty"),
+                                       frequency_penalty=settings.get("frequency_penalty"))  # issue 14
     request = ChatRequest(engine_messages(rows, system), params, session=conv_id, cache_salt=owner,
                           images=images or {})
     ticket = page_ticket(ctx.limits, owner)  # issue 14: over the rate limit -> a Notice saying when; nothing stored
@@ -298,7 +306,7 @@ def _submit(ctx: Ctx, owner: str, conv_id: str | None, rows: list[dict], setting
 
 
 def send(ctx: Ctx, conv_id, box, mode, temperature, top_p, max_new_tokens, system, detail="auto",
-         request: gr.Request = None) -> Iterator[tuple]:
+         request: gr.Request = None, top_k=None, presence_penalty=None, frequency_penalty=None) -> Iterator[tuple]:
     """Check everything, submit, then store the question (and images) and stream the answer."""
     owner = owner_of(request)
     session = request.session_hash
@@ -328,7 +336,8 @@ def send(ctx: Ctx, conv_id, box, mode, temperature, top_p, max_new_tokens, syste
     lang = lang_of(request)  # issue 13 (ux): the describe and system prompts in the page's language
     m = localized(mode_for(mode), lang)
     asked = text or m.describe_prompt  # images and no text: the mode's describe prompt (paste + Enter)
-    settings = _turn_settings(temperature, top_p, max_new_tokens, system, detail)
+    settings = _turn_settings(temperature, top_p, max_new_tokens, system, detail, top_k=top_k,
+                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
     question = {"role": "user", "text": asked, "image_ids": [i.sha256 for i in images], "settings": settings,
                 "status": "complete"}
     turn = Turn(ctx, owner)
@@ -355,7 +364,7 @@ def send(ctx: Ctx, conv_id, box, mode, temperature, top_p, max_new_tokens, syste
 
 
 def regenerate(ctx: Ctx, conv_id, mode, temperature, top_p, max_new_tokens, system,
-               request: gr.Request) -> Iterator[tuple]:
+               request: gr.Request, top_k=None, presence_penalty=None, frequency_penalty=None) -> Iterator[tuple]:
     """Answer the last user message again: a new version of the answer (the earlier ones stay, chat.versions)."""
     owner = owner_of(request)
     session = request.session_hash
@@ -380,7 +389,8 @@ def regenerate(ctx: Ctx, conv_id, mode, temperature, top_p, max_new_tokens, syst
         rows.pop()
     if not rows or rows[-1]["role"] != "user":
         raise Notice("Nothing to regenerate yet.")
-    settings = _turn_settings(temperature, top_p, max_new_tokens, system)
+    settings = _turn_settings(temperature, top_p, max_new_tokens, system, top_k=top_k,
+                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
     m = mode_for(mode)
     turn = Turn(ctx, owner)
     handle = _submit(ctx, owner, conv_id, rows, settings, m.key, turn, lang=lang_of(request))

@@ -18,7 +18,9 @@ from collections.abc import Iterator
 import gradio as gr
 
 from chat import ui
-from chat.conversation import mode_for
+from chat.conversation import localized, mode_for
+from chat.i18n import lang_of
+from chat.i18n_text import say, translate
 from chat.notices import Notice
 from chat.render import chat_history
 from chat.store import NotFound
@@ -76,7 +78,7 @@ def _panel(rows: list[dict], target: int | None, keep_text: bool) -> tuple:
     if target not in by_id:
         target, keep_text = default_target([r for r in rows if r["id"] in names]), False
     if target is None:
-        return (gr.update(choices=[], value=None), "Nothing to edit yet: send a message first.",
+        return (gr.update(choices=[], value=None), say("Nothing to edit yet: send a message first."),
                 gr.update(interactive=False), gr.update(interactive=False),
                 gr.update(visible=False, value=""), gr.update(visible=False))
     row = by_id[target]
@@ -85,6 +87,7 @@ def _panel(rows: list[dict], target: int | None, keep_text: bool) -> tuple:
     if question:
         line += " Edit it below to ask it another way; the answers so far stay as versions."
     text = gr.skip() if keep_text else row["text"]
+    line = translate(line)  # issue 13: in the page's language
     return (gr.update(choices=[(label, str(i)) for i, label in names.items()], value=str(target)), line,
             gr.update(interactive=row["version"] > 1), gr.update(interactive=row["version"] < row["versions"]),
             gr.update(visible=question, value=text), gr.update(visible=question))
@@ -161,7 +164,7 @@ def next_version(ctx: ui.Ctx, conv_id, target, request: gr.Request) -> tuple:
 
 
 def edit(ctx: ui.Ctx, conv_id, target, text, mode, temperature, top_p, max_new_tokens, system,
-         request: gr.Request = None) -> Iterator[tuple]:
+         request: gr.Request = None, top_k=None, presence_penalty=None, frequency_penalty=None) -> Iterator[tuple]:
     """Send an edited question: a new version of it (same images) with a fresh answer, streamed.
 
     Yields the same outputs as `ui.send` (conv_id, chat, box, list, status, title); the box is left alone.
@@ -187,14 +190,16 @@ def edit(ctx: ui.Ctx, conv_id, target, text, mode, temperature, top_p, max_new_t
     _not_busy(ctx, conv_id, request)
     ui.check_ready(ctx)
     yield from wait_turn(ctx, session)
-    m = mode_for(mode)
+    lang = lang_of(request)  # issue 13: the mode's prompts in the page's language, as ui.send does
+    m = localized(mode_for(mode), lang)
     asked = text or m.describe_prompt
     detail = (original.get("settings") or {}).get("detail") if original["image_ids"] else None
-    settings = ui._turn_settings(temperature, top_p, max_new_tokens, system, detail)
+    settings = ui._turn_settings(temperature, top_p, max_new_tokens, system, detail, top_k=top_k,
+                                 presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
     question = {"role": "user", "text": asked, "image_ids": original["image_ids"], "settings": settings,
                 "status": "complete"}
     turn = Turn(ctx, owner)
-    handle = ui._submit(ctx, owner, conv_id, [*rows[:at], question], settings, m.key, turn)
+    handle = ui._submit(ctx, owner, conv_id, [*rows[:at], question], settings, m.key, turn, lang=lang)
     try:  # accepted: the new version is stored beside the old one
         question_id = ctx.store.add_message(owner, conv_id, role="user", text=asked, image_ids=original["image_ids"],
                                             image_names=original.get("image_names") or [], mode=m.key,

@@ -80,6 +80,7 @@ class GenParams:
     top_p: float = 0.9
     top_k: int = 0  # 0: off
     presence_penalty: float = 0.0  # subtracted from every token already in the answer
+    frequency_penalty: float = 0.0  # subtracted once per time a token already appears in the answer
     max_new_tokens: int = 1024
     seed: int | None = None
     stop: tuple[str, ...] = ()

@@ -150,6 +150,8 @@ def request_body(request: ChatRequest, model: str, salt: str, load_image: Callab
         body["top_k"] = p.top_k
     if p.presence_penalty:
         body["presence_penalty"] = p.presence_penalty
+    if getattr(p, "frequency_penalty", 0.0):
+        body["frequency_penalty"] = p.frequency_penalty
     if p.seed is not None:
         body["seed"] = p.seed
     if p.stop:

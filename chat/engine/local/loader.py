@@ -22,6 +22,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from chat.engine.sampling_defaults import CARD, SamplingDefaults, read_generation_config
+
 log = logging.getLogger(__name__)
 
 TINY_RANDOM = "tiny-random"
@@ -66,6 +68,9 @@ class Loaded:
     device: torch.device
     dtype: torch.dtype
     random_weights: bool
+    # issue 14: what a request gets for a sampling value it leaves out (the checkpoint's generation config,
+    # else the model card's; chat/engine/sampling_defaults.py)
+    sampling_defaults: SamplingDefaults = CARD
 
 
 def pick_device(requested: str = "auto") -> tuple[torch.device, torch.dtype]:
@@ -312,4 +317,5 @@ def load(model: str, data_dir: Path, device: str = "auto", progress=None) -> Loa
     net.eval()
     log.info("model ready in %.1f s: %s", time.monotonic() - started, source)
     name = TINY_RANDOM if random_weights else (Path(source).expanduser().name if looks_local else model)
-    return Loaded(model=net, processor=processor, name=name, device=dev, dtype=dtype, random_weights=random_weights)
+    return Loaded(model=net, processor=processor, name=name, device=dev, dtype=dtype, random_weights=random_weights,
+                  sampling_defaults=read_generation_config(source))

@@ -1,11 +1,11 @@
 """One batched sampler for every row a step produced logits for.
 
 Per row: temperature (0 = greedy), top-k, top-p, presence penalty (subtracted once from the
-logit of every token the answer already holds, as OpenAI and vLLM define it) and an optional
-seed. Greedy rows are a plain argmax of their own logits, so what else shares the batch never
-changes them. Sampled rows draw with the exponential trick (argmax of p / E, E ~ Exp(1)),
-which needs no host sync; a seeded row draws its noise from its own generator, so its answer
-depends on its seed alone.
+logit of every token the answer already holds, as OpenAI and vLLM define it), frequency penalty
+(subtracted once per occurrence of such a token) and an optional seed. Greedy rows are a plain
+argmax of their own logits, so what else shares the batch never changes them. Sampled rows draw
+with the exponential trick (argmax of p / E, E ~ Exp(1)), which needs no host sync; a seeded row
+draws its noise from its own generator, so its answer depends on its seed alone.
 """
 
 from __future__ import annotations
@@ -21,16 +21,38 @@ def _noise(probs: torch.Tensor, generators: list[torch.Generator | None]) -> tor
     return noise
 
 
+def _penalize(logits: torch.Tensor, params: list, generated: list[list[int]]) -> None:
+    """Presence and frequency penalties of every row at once, in place: each token the answer holds loses
+    presence_penalty once plus frequency_penalty times how often it occurs (OpenAI's and vLLM's definition).
+
+    The penalized rows' answers travel to the device as one flat list; their counts come from one scatter.
+    """
+    rows = [i for i, p in enumerate(params) if generated[i] and (
+        getattr(p, "presence_penalty", 0.0) or getattr(p, "frequency_penalty", 0.0))]
+    if not rows:
+        return
+    device = logits.device
+    flat: list[int] = []
+    for i in rows:
+        flat.extend(generated[i])
+    ids = torch.tensor(flat, device=device)
+    which = torch.repeat_interleave(torch.arange(len(rows), device=device),
+                                    torch.tensor([len(generated[i]) for i in rows], device=device))
+    counts = torch.zeros((len(rows), logits.shape[1]), device=device)
+    counts.index_put_((which, ids), torch.ones_like(ids, dtype=counts.dtype), accumulate=True)
+    pen = torch.tensor([[getattr(params[i], "presence_penalty", 0.0), getattr(params[i], "frequency_penalty", 0.0)]
+                        for i in rows], device=device)
+    index = torch.tensor(rows, device=device)
+    cut = (counts > 0).float() * pen[:, :1] + counts * pen[:, 1:]
+    logits.index_copy_(0, index, logits.index_select(0, index) - cut)
+
+
 @torch.inference_mode()  # the logits come from an inference-mode forward; the penalty updates them in place
 def sample(logits: torch.Tensor, params: list, generated: list[list[int]],
            generators: list[torch.Generator | None]) -> list[int]:
     """One token per row of (rows, vocab) float logits; `params[i]` is row i's GenParams."""
     logits = logits.float()
-    for i, p in enumerate(params):
-        penalty = getattr(p, "presence_penalty", 0.0)
-        if penalty and generated[i]:
-            seen = torch.tensor(sorted(set(generated[i])), device=logits.device)
-            logits[i].index_add_(0, seen, torch.full(seen.shape, -penalty, device=logits.device))
+    _penalize(logits, params, generated)
     tokens = logits.argmax(-1)
     rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if rows:
