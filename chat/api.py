@@ -40,6 +40,7 @@ from chat.api_run import Generation, clamp_headers, engine_error, failed_error, 
 from chat.config import Settings
 from chat.engine.sampling_defaults import defaults_of
 from chat.engine.types import Delta, Done, Failed
+from chat.grounding import for_api, request_image_size  # issue 14 (grounding)
 from chat.openai_parse import ApiError, bad, parse_json, parse_request
 from chat.ratelimit_gate import api_ticket, limit_headers
 from chat.tools import ToolCallStream, content_and_calls
@@ -151,6 +152,8 @@ def router(state: ApiState) -> APIRouter:
         owner = check_key(state, request)
         ticket = api_ticket(state, request, owner)  # over the rate limit: 429 before the body is read
         chat_request, meta = await parsed(state, request, owner)
+        if meta.get("grounding"):  # issue 14: the answer's boxes in pixels of the newest image, asked for
+            meta["grounding_size"] = request_image_size(chat_request)
         gen = await Generation.start(request, state.engine, chat_request, ticket.on_finish())
         headers = {**clamp_headers(meta), **limit_headers(ticket)}
         if meta["stream"]:
@@ -159,6 +162,8 @@ def router(state: ApiState) -> APIRouter:
                                      headers={"Cache-Control": "no-cache", **headers})
         done = await gen.result()
         message, finish = _message(done, meta)
+        if meta.get("grounding"):  # issue 14 (grounding): the answer's boxes and points, parsed
+            message["grounding"] = for_api(done.text, meta["grounding_size"])
         return JSONResponse({"id": meta["id"], "object": "chat.completion", "created": meta["created"],
                              "model": meta["model"],
                              "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
@@ -231,7 +236,8 @@ async def stream(handle, events, first, meta: dict):
             elif isinstance(event, Done):
                 for line in pieces(calls.finish()) if calls else []:
                     yield line
-                yield chunk({}, _finish(event, bool(calls and calls.calls), legacy))
+                extra = {"grounding": for_api(event.text, meta["grounding_size"])} if meta.get("grounding") else {}
+                yield chunk(extra, _finish(event, bool(calls and calls.calls), legacy))  # issue 14: + grounding
                 if meta["include_usage"]:
                     yield _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
                                 "model": meta["model"], "choices": [], "usage": usage_of(event)})

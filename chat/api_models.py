@@ -155,6 +155,8 @@ class ChatCompletionRequest(_Model):
     # vLLM's extensions for continuing the last assistant message (Open WebUI's "Continue").
     continue_final_message: bool | None = None
     add_generation_prompt: bool | None = None
+    # vlchat's extension (issue 14): the answer's Qwen3-VL boxes and points, parsed, in message.grounding.
+    grounding: bool | None = None
 
 
 # -- errors ---------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ PAGE = {
         "ask_next": "Ask next:",
         "dismiss": "Dismiss",
         "describe_photo": "Describe a photo",
+        "find.label": "Find on the image",  # issue 14 (grounding): screenshot mode
+        "find.button": "Find",
         "image_detail": "Image detail",
         "detail.low": "Low",
         "detail.auto": "Auto",
@@ -71,6 +73,8 @@ PAGE = {
         "ask_next": "接着问：",
         "dismiss": "关闭",
         "describe_photo": "描述照片",
+        "find.label": "在图片上查找",  # issue 14 (grounding)
+        "find.button": "查找",
         "image_detail": "图片细节",
         "detail.low": "低",
         "detail.auto": "自动",

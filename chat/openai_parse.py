@@ -389,6 +389,7 @@ def parse_request(settings: Settings, body, *, model_names: tuple[str, ...], own
             "model": model, "id": "chatcmpl-" + uuid.uuid4().hex, "created": int(time.time()),
             "tools": read_calls, "legacy_functions": read_calls and not req.tools,
             "clamped": (asked, limit) if asked is not None and asked > limit else None}
+    meta["grounding"] = bool(req.grounding)  # issue 14: the answer's boxes parsed into message.grounding
     cache_salt = f"{owner}|{req.cache_salt}" if req.cache_salt else owner
     request = ChatRequest(messages, params, images=inline, cache_salt=cache_salt, tools=tools,
                           continue_final=continue_final)

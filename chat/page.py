@@ -17,6 +17,7 @@ import gradio as gr
 
 from chat import admin, describe, history_io, notices, search, versions  # history_io, search, versions: issue 13
 from chat.conversation import DEFAULT_MODE, MODES
+from chat.grounding_page import find, find_visible  # issue 14 (grounding): "Find on the image", screenshot mode
 from chat.engine.sampling_defaults import CARD
 from chat.i18n import I18N
 from chat.i18n import label as L  # issue 13 (ux): labels translated in the browser (chat/i18n.py)
@@ -94,6 +95,7 @@ def mount_options(ctx: Ctx) -> dict:
     # i18n.js (issue 13, ux; first): vlchat.t(key) and the language choice. theme.js: light/dark/system.
     # ux.js/.css: send turns into Stop, Delete asks first.
     scripts = ("i18n.js", "page.js", "announce.js", "a11y.js", "prefs.js", "camera.js", "keys.js", "theme.js", "ux.js")
+    scripts += ("grounding.js",)  # issue 14 (grounding): a drawn image's alt text lists its boxes
     return {"head": "".join(f"<script>{(ASSETS / name).read_text()}</script>" for name in scripts),
             "css": "\n".join((ASSETS / name).read_text() for name in ("page.css", "a11y.css", "ux.css")),
             "i18n": I18N}  # issue 13 (ux): English and Simplified Chinese labels (chat/i18n.py)
@@ -155,6 +157,12 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
                            for i, (label, _) in enumerate(default.follow_ups)]
             follow_btns += [gr.Button("", size="sm", visible=False, elem_id=f"follow-up-{i}", scale=0, min_width=120)
                             for i in range(len(follow_btns), describe.MAX_FOLLOW_UPS)]
+        # -- issue 14 (grounding): screenshot mode asks for the boxes of what is named (chat.grounding_page) --
+        with gr.Row(visible=False, elem_id="find-row", equal_height=True) as find_row:
+            find_text = gr.Textbox(label=L("find.label"), elem_id="find", max_lines=1, scale=4,
+                                   placeholder="What to find, e.g. the Save button; Enter finds it")
+            find_btn = gr.Button(L("find.button"), elem_id="find-button", scale=0, min_width=120)
+        # -- end issue 14 (grounding) --
         with gr.Column(visible=False, elem_id="notice", elem_classes=["notice"]) as notice:
             # Markdown, not gr.HTML: Gradio 6's HTML component evaluates templates with Function(),
             # which the page's CSP (no 'unsafe-eval') refuses. The text is escaped in chat.notices.
@@ -302,5 +310,12 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
                   **PRIVATE)
         conv_list.input(bind(restore, ctx), [conv_list], penalties, show_progress="hidden", **PRIVATE)
         # -- end issue 14 (sampling) --
+        # -- issue 14 (grounding): Find (button or Enter), shown in screenshot mode only --
+        for trigger in (find_btn.click, find_text.submit):
+            trigger(bind(find, ctx, len(outputs)), [find_text, conv_id, *sampling, detail],
+                    [*outputs, *note], concurrency_limit=None, trigger_mode="multiple", **PRIVATE
+                    ).then(**follow).then(**panel)
+        mode.change(find_visible, [mode], [find_row], show_progress="hidden", **PRIVATE)
+        # -- end issue 14 (grounding) --
         demo.unload(bind(page_closed, ctx))
     return demo

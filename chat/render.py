@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from markdown_it import MarkdownIt
 
 from chat import trim  # issue 14: an answer from a shortened conversation says so
+from chat.grounding_page import with_figure  # issue 14 (grounding): boxes drawn on the image under the answer
 from chat.stats import with_details
 from chat.store import NotFound, Store
 
@@ -121,8 +122,10 @@ def _mark_version(message: dict, row: dict) -> None:
 def chat_history(store: Store, rows: list[dict]) -> list[dict]:
     """Stored rows as Chatbot messages: user images inline (with their stored type), safe HTML text."""
     out = []
+    latest = None  # the newest image so far: what an answer's boxes are drawn on (issue 14, grounding)
     for row in rows:
         if row["role"] == "user":
+            latest = row["image_ids"][-1] if row["image_ids"] else latest
             content: list[dict] = []
             names = row.get("image_names") or []
             for n, sha in enumerate(row["image_ids"], 1):
@@ -144,6 +147,7 @@ def chat_history(store: Store, rows: list[dict]) -> list[dict]:
             usage = row.get("usage") or {}
             content = trim.with_note(answer_content(row["text"], row["status"], usage.get("error", "")), usage)
             out.append({"role": "assistant", "content": with_details(content, usage)})  # chat.stats (issue 13)
+            out[-1]["content"] = with_figure(out[-1]["content"], store, latest, row["text"], row["status"])
         if out and row["role"] in ("user", "assistant"):
             _mark_version(out[-1], row)
     return out

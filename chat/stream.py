@@ -25,6 +25,7 @@ import gradio as gr
 
 from chat import trim
 from chat.engine.types import Delta, Done, Failed
+from chat.grounding_page import for_conversation  # issue 14 (grounding)
 from chat.notices import Notice
 from chat.render import FINISH_STATUS, answer_content
 from chat.stats import timing, with_details
@@ -286,6 +287,8 @@ def stream(ctx: Ctx, turn: Turn, handle, session: str, token: int, history: list
                 content = trim.with_note(answer_content(event.text, status), usage)  # issue 14: turns left out
                 history[-1] = {"role": "assistant", "content": with_details(content, usage)}
                 line = " ".join(filter(None, (_done_note(event), trim.note_text(usage))))
+                history[-1]["content"] = for_conversation(ctx.store, turn.owner, turn.conv_id, history[-1]["content"],
+                                                          event.text, status)  # issue 14: boxes drawn under it
                 yield skip, history, skip, skip, line, skip
             elif event.code == "context_length_exceeded":
                 # Refused after the question was stored (and shown): both are gone again.
