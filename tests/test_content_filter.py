@@ -12,6 +12,7 @@ import asyncio
 import re
 import threading
 
+import httpx
 import pytest
 
 from chat.config import Settings, SettingsError, load_settings
@@ -227,3 +228,154 @@ def test_the_wrapper_is_the_engine_for_everything_else():
     engine = FilteredEngine(inner, Blocklist(["x"]))
     assert engine.max_prompt_chars == 1234 and engine.ready is inner.ready and engine.metrics is inner.metrics
     assert "vlchat_content_filtered_total" in engine.metrics.render().decode()
+
+
+# -- the page's handlers, over the tiny model ---------------------------------------------------
+
+BROWSER = "c" * 32
+
+
+def blockable(answer: str) -> str:
+    """A whole word of `answer` (letters or digits between other characters), not at its start: an entry to block."""
+    words = [w for w in re.finditer(r"[^\W_]+", answer) if 0 < w.start() and w.end() < len(answer)]
+    for found in sorted(words, key=lambda w: len(w.group()) < 3):  # rather one of 3 characters or more
+        start, end = found.span()
+        if Blocklist([found.group()]).check_input(answer[start - 1:end + 1]):
+            return found.group()
+    pytest.skip(f"no whole word in the tiny model's answer {answer!r}")
+
+
+@pytest.fixture
+def page(tmp_path, loaded):
+    """A page context over the tiny model's engine; `ctx.engine` is swapped for a filtered one by the tests."""
+    from types import SimpleNamespace
+
+    from chat import ui
+    from chat.engine.local.engine import Engine
+    from chat.engine.local.runner import Runner
+    from chat.images import open_clean
+    from chat.store import Store
+
+    store = Store(tmp_path / "data")
+    engine = Engine(Runner(loaded.model, loaded.processor), lambda i: open_clean(store.image_bytes(i)))
+    engine.start(warmup=False)
+    ctx = ui.Ctx(store=store, engine=engine, settings=Settings(data_dir=tmp_path / "data"), random_weights=True)
+    req = SimpleNamespace(session_hash="s1", username=None, state=SimpleNamespace(vlchat_browser=BROWSER))
+
+    def send(text, system=""):
+        return list(ui.send(ctx, None, {"text": text, "files": []}, "general", 0.0, 0.9, 48, system, "auto", req))
+
+    yield SimpleNamespace(ctx=ctx, engine=engine, send=send, owner="browser:" + BROWSER)
+    engine.shutdown()
+    store.close()
+
+
+def test_page_refuses_a_blocked_message_and_stores_nothing(page):
+    from chat.notices import Notice
+
+    page.ctx.engine = FilteredEngine(page.engine, Blocklist(["forbidden", "敏感词"]))
+    with pytest.raises(Notice, match="content filter blocks.*still in the box"):
+        page.send("Is this Forbidden?")
+    with pytest.raises(Notice, match="content filter"):
+        page.send("hello", system="请说敏感词")
+    assert page.ctx.store.list_conversations(page.owner) == []
+    assert metric(page.ctx.engine, "input") == 2
+
+
+def test_page_shows_and_stores_the_answer_cut_before_a_blocked_word(page):
+    from chat.render import message_html
+
+    plain = page.send("Say something.")
+    conv = page.ctx.store.messages(page.owner, plain[0][0])
+    answer = conv[-1]["text"]
+    entry = blockable(answer)
+    kept = answer[: Blocklist([entry]).check_output(answer, final=True).cut]
+    assert kept and Blocklist([entry]).check_input(kept) is None, (answer, entry)
+
+    page.ctx.engine = FilteredEngine(page.engine, Blocklist([entry]))
+    updates = page.send("Say something.")
+    rows = page.ctx.store.messages(page.owner, updates[0][0])
+    assert rows[-1]["status"] == "filtered" and rows[-1]["text"] == kept
+    assert updates[-1][4] == "The answer was stopped by the content filter."
+    final = updates[-1][1][-1]["content"]["text"]
+    assert final.startswith(message_html(kept)) and "Stopped by the content filter." in final
+    prefixes = {message_html(kept[:n]) for n in range(len(kept) + 1)}
+    for update in updates:  # every answer drawn while it streamed was part of the kept text, never more
+        chat = update[1]
+        if isinstance(chat, list) and chat and chat[-1]["role"] == "assistant":
+            assert chat[-1]["content"]["text"].split('<p class="answer-note', 1)[0].strip() in prefixes
+    assert metric(page.ctx.engine, "output") == 1
+
+
+# -- the API, with the real openai client against real servers ------------------------------------
+
+QUESTION = [{"role": "user", "content": "Say something."}]
+
+
+def sdk(base: str):
+    import openai
+
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, model_dir):
+    """The greedy answer of a plain server, then a server whose --blocklist holds a word of that answer."""
+    from tests.servers import Server, data_dir
+
+    plain = Server(data_dir(tmp_path_factory, model_dir, "plain")).start()
+    try:
+        answer = sdk(plain.base).chat.completions.create(model="vlchat", messages=QUESTION, temperature=0,
+                                                        max_tokens=48).choices[0].message.content
+    finally:
+        plain.stop()
+    entry = blockable(answer)
+    folder = data_dir(tmp_path_factory, model_dir, "filtered")
+    listing = folder / "blocklist.txt"
+    listing.write_text(f"# test list\n{entry}\n禁止词\nforbidden phrase\n", encoding="utf-8")
+    server = Server(folder, "--blocklist", str(listing)).start()
+    yield server, answer, entry
+    server.stop()
+
+
+def test_api_refuses_blocked_input_with_400_content_filter(served):
+    import openai
+
+    from tests.servers import metric as server_metric
+
+    server, _, _ = served
+    client = sdk(server.base)
+    for messages in ([{"role": "user", "content": "what is a Forbidden   Phrase?"}],
+                     [{"role": "system", "content": "你会说禁止词"}, {"role": "user", "content": "hi"}]):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="vlchat", messages=messages, stream=True)
+        assert refused.value.status_code == 400 and refused.value.code == "content_filter"
+        assert "content filter" in refused.value.body["message"]
+    assert server_metric(server.base, 'vlchat_content_filtered_total{where="input"}') == 2
+
+
+def test_api_stream_stops_before_a_blocked_word_with_finish_reason_content_filter(served):
+    from tests.servers import metric as server_metric
+
+    server, answer, entry = served
+    kept = answer[: Blocklist([entry]).check_output(answer, final=True).cut]
+    stream = sdk(server.base).chat.completions.create(model="vlchat", messages=QUESTION, temperature=0,
+                                                      max_tokens=48, stream=True)
+    pieces, finish = [], None
+    for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+    assert finish == "content_filter"
+    assert "".join(pieces) == kept and kept
+    # No chunk, nor the text so far at any chunk, ever held the entry.
+    assert all(Blocklist([entry]).check_input("".join(pieces[:n])) is None for n in range(len(pieces) + 1))
+    whole = sdk(server.base).chat.completions.create(model="vlchat", messages=QUESTION, temperature=0, max_tokens=48)
+    assert whole.choices[0].finish_reason == "content_filter" and whole.choices[0].message.content == kept
+    response = sdk(server.base).responses.create(model="vlchat", input="Say something.", temperature=0,
+                                                 max_output_tokens=48)
+    assert response.status == "incomplete" and response.incomplete_details.reason == "content_filter"
+    assert response.output_text == kept
+    assert server_metric(server.base, 'vlchat_content_filtered_total{where="output"}') == 3
+    body = httpx.get(server.base + "/health", timeout=5).json()
+    assert body["status"] == "ok"  # it keeps serving
