@@ -17,8 +17,8 @@ import gradio as gr
 
 from chat import admin, describe, history_io, notices, search, versions  # history_io, search, versions: issue 13
 from chat.conversation import DEFAULT_MODE, MODES
-from chat.grounding_page import find, find_visible  # issue 14 (grounding): "Find on the image", screenshot mode
 from chat.engine.sampling_defaults import CARD
+from chat.grounding_page import find, find_visible  # issue 14 (grounding): "Find on the image", screenshot mode
 from chat.i18n import I18N
 from chat.i18n import label as L  # issue 13 (ux): labels translated in the browser (chat/i18n.py)
 from chat.notices import Notice
