@@ -267,3 +267,31 @@ def test_keyless_api_is_limited_per_address_by_tokens(servers):
     assert refused.value.type == "tokens" and refused.value.response.headers["x-ratelimit-remaining-tokens"] == "0"
     assert int(refused.value.response.headers["retry-after"]) >= 1
     assert metric(srv.base, 'vlchat_rate_limited_total{kind="address",limit="tokens"}') == 1
+
+
+# -- the page in a browser --------------------------------------------------------------------------
+
+
+def test_page_in_a_browser_says_when_to_try_again_and_keeps_the_message(tmp_path_factory, model_dir, browser):
+    from tests.test_e2e_browser import send as type_and_send
+    from tests.test_e2e_browser import wait_idle, wait_ready
+
+    srv = Server(data_dir(tmp_path_factory, model_dir, "rl-page"), "--rate-limit", "1/hour").start()
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        page = context.new_page()
+        page.goto(srv.base + "/")
+        wait_ready(page)
+        type_and_send(page, "first question")
+        page.locator("#chat .user-row").first.wait_for(timeout=20_000)
+        wait_idle(page)
+        type_and_send(page, "second question")
+        alert = page.locator("#notice [role=alert]")
+        alert.wait_for(timeout=10_000)
+        assert "Too many messages; try again in 60 minutes. Your message is still in the box." in alert.inner_text()
+        assert page.locator("#input textarea").input_value() == "second question"
+        assert page.locator("#chat .user-row").count() == 1  # nothing stored or shown
+        assert metric(srv.base, 'vlchat_rate_limited_total{kind="browser",limit="requests"}') == 1
+    finally:
+        context.close()
+        srv.stop()
