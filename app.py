@@ -170,21 +170,26 @@ def create_app(settings: Settings):
 
     hours = settings.gradio_cache_hours * 3600
     legacy_key = legacy_browser_key(settings.data_dir)
+    from chat import admin
+    from chat.accounts import Accounts
+
+    ctx.accounts = accounts = Accounts(settings)  # issue 14: --auth, --users or the proxy's header; admins
+    admin.add_route(app, ctx, accounts)  # GET /admin/usage
     demo = page.build(ctx, delete_cache=(min(hours, 3600), hours))
     demo.queue(api_open=False, max_size=settings.max_waiting * 4, default_concurrency_limit=None)
-    auth = tuple(settings.auth.split(":", 1)) if settings.auth else None
     options = dict(page.mount_options(ctx))
     migrate_js = (ASSETS / "migrate-identity.js").read_text()
     options["head"] = f"<script>{migrate_js}</script>" + options.get("head", "")
     options.setdefault("theme", local_theme())
     data = settings.data_dir
     app = gr.mount_gradio_app(
-        app, demo, path="/", auth=auth, show_error=False, max_file_size=settings.max_image_bytes,
+        app, demo, path="/", **accounts.mount_options(), show_error=False, max_file_size=settings.max_image_bytes,
         allowed_paths=[str(store.images_dir)],
         blocked_paths=[str(data / "vlchat.db"), str(data / "models"), str(data / "browser.key"),
                        str(data / "cookie.key"), str(data / "migrated-identities")],
         footer_links=[], ssr_mode=False, run_history=False, enable_monitoring=expose_docs, **options,
     )
+    accounts.attach(app)  # its login tokens name the user behind a cookie (for /admin/usage)
     signer = CookieSigner(secret_file(data / "cookie.key"))
     # Innermost first; the outermost (SecurityHeaders) also marks the guards' own answers.
     guarded = UploadFilter(app, limit=settings.max_image_bytes * settings.max_images_per_message + (1 << 20),
@@ -201,6 +206,11 @@ def create_app(settings: Settings):
 
 def main(argv: list[str] | None = None) -> int:
     """Run the server until SIGTERM or Ctrl-C; then drain open answers, stop the engine, close the database."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["users"]:  # issue 14: python app.py users add NAME [--admin] (chat.users)
+        from chat.users import main as users_main
+
+        return users_main(args[1:])
     settings = load_settings(argv)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings.data_dir.mkdir(parents=True, exist_ok=True)

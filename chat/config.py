@@ -53,6 +53,16 @@ class Settings:
     device: str = _opt("auto", "'auto' (GPU if present), 'cpu', 'cuda' or 'cuda:N'.", check="device")
     auth: str = _opt("", "user:password for the page (Gradio auth); conversations then belong to the user.",
                      check="auth")
+    users: str = _opt("", "Users file for page accounts with hashed passwords (python app.py users add NAME); "
+                      "re-read when it changes.", check="users_file")
+    trusted_user_header: str = _opt(
+        "", "Header in which a reverse proxy names the user it logged in, e.g. X-Forwarded-User; trusted only from "
+        "--trusted-proxies (the page then has no login form).", check="header",
+    )
+    trusted_proxies: str = _opt("", "Addresses or networks (CIDR) of the reverse proxies, separated by commas.",
+                                check="networks")
+    admins: str = _opt("", "Users (from --users, --auth or the proxy header) who may see usage per user; "
+                       "separated by commas.", check="names")
     api_key: str = _opt("", "Key(s) the /v1 API requires as 'Authorization: Bearer KEY'; several separated by commas.",
                         check="api_key")
     api_open: bool = _opt(False, "Serve /v1 without a key on a non-loopback address (otherwise it is refused).")
@@ -132,6 +142,7 @@ class Settings:
         """Every value within what its setting allows (raises SettingsError naming the setting)."""
         for f in fields(self):
             _check(f, getattr(self, f.name))
+        _check_accounts(self)  # chat.accounts: flags that only make sense together
         if self.blocklist:  # issue 14: a list that cannot be used stops start-up, saying why
             _check_blocklist(self.blocklist)
 
@@ -237,7 +248,31 @@ def _engine_urls_ok(value: str) -> bool:
     return not value.strip() or all(re.fullmatch(r"https?://[^\s/?#,]+(/[^\s?#,]*)?", u) for u in urls)
 
 
+def _networks_ok(value: str) -> bool:
+    import ipaddress
+
+    try:
+        return all(ipaddress.ip_network(n.strip(), strict=False) for n in value.split(",") if n.strip())
+    except ValueError:
+        return False
+
+
+def _check_accounts(s: Settings) -> None:
+    """--trusted-user-header needs --trusted-proxies, and replaces the login form of --auth/--users."""
+    if s.trusted_user_header and not s.trusted_proxies.strip():
+        raise SettingsError("--trusted-user-header (VLCHAT_TRUSTED_USER_HEADER) needs --trusted-proxies "
+                            "(VLCHAT_TRUSTED_PROXIES): the addresses the header may come from.")
+    if s.trusted_user_header and (s.auth or s.users):
+        raise SettingsError("--trusted-user-header (VLCHAT_TRUSTED_USER_HEADER) cannot be combined with --auth or "
+                            "--users: the proxy does the login. Use --admins to name admins.")
+
+
 _STRING_RULES = {
+    "users_file": (lambda v: not v or Path(v).is_file(),
+                   "empty or an existing users file (create one with: python app.py users --file FILE add NAME)"),
+    "networks": (_networks_ok, "empty or addresses/networks such as 127.0.0.1,10.0.0.0/8 separated by commas"),
+    "names": (lambda v: all(re.fullmatch(r"[^\s,:]+", n.strip()) for n in v.split(",") if n.strip()),
+              "empty or user names separated by commas"),
     "nonempty": (lambda v: bool(v.strip()), "non-empty"),
     "host": (lambda v: bool(re.fullmatch(r"\S+", v)), "an address such as 127.0.0.1, 0.0.0.0 or ::"),
     "device": (lambda v: bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", v)), "auto, cpu, cuda or cuda:N (N a GPU number)"),

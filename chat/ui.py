@@ -71,6 +71,7 @@ class Ctx:
     exit_code: int = 0
     api: object = None  # the /v1 state (chat.api.ApiState), set by app.py
     limits: object = None  # chat.ratelimit_gate.Gate (--rate-limit, --token-limit; issue 14), set by app.py
+    accounts: object = None  # chat.accounts.Accounts (page logins, admins; issue 14), set by app.py
     status: object = None  # chat.engine.types.LoadStatus: start-up progress ("Loading the model, 43%")
     active: dict[str, object] = field(default_factory=dict)  # Gradio session -> Handle it is drawing
     running: dict[str, object] = field(default_factory=dict)  # conversation id -> Handle answering it
