@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from chat import json_mode
 from chat.api_run import Generation, clamp_headers, engine_error, failed_error, read_body, usage_of
 from chat.config import Settings
 from chat.engine.sampling_defaults import defaults_of
@@ -63,11 +64,15 @@ class ApiState:
     limits: object = None  # chat.ratelimit_gate.Gate (--rate-limit, --token-limit), set by app.py
 
     def model_names(self) -> tuple[str, ...]:
-        """Every name a request may ask for: the served model's, the alias 'vlchat', the configured --model."""
+        """Every name a request may ask for: the served model's, the alias 'vlchat', the configured --model, then
+        the LoRA adapters the engine serves (issue 14)."""
         names = [self.model_name, "vlchat"]
         if not self.settings.engine_urls:
             names.append(self.settings.model)
-        return tuple(dict.fromkeys(names))
+        return tuple(dict.fromkeys([*names, *self.adapters()]))
+
+    def adapters(self) -> tuple[str, ...]:
+        return tuple(getattr(self.engine, "adapters", ()) or ())
 
 
 def owner_of_key(key: str | None) -> str:
@@ -105,6 +110,7 @@ async def parsed(state: ApiState, request: Request, owner: str, convert=None):
             body, extra = convert(body)
         chat_request, meta = parse_request(state.settings, body, model_names=state.model_names(), owner=owner,
                                            max_prompt_chars=getattr(engine, "max_prompt_chars", None),
+                                           adapters=state.adapters(),
                                            defaults=defaults_of(engine))  # issue 14: sampling defaults
         return chat_request, {**meta, **extra}
 
@@ -112,8 +118,11 @@ async def parsed(state: ApiState, request: Request, owner: str, convert=None):
 
 
 def _model_card(state: ApiState, name: str, created: int) -> dict:
-    return {"id": name, "object": "model", "created": created, "owned_by": "vlchat", "root": state.model_name,
+    card = {"id": name, "object": "model", "created": created, "owned_by": "vlchat", "root": state.model_name,
             "max_model_len": state.settings.context_tokens}
+    if name in state.adapters():  # a LoRA adapter: its base is the served model (vLLM lists them the same way)
+        card["parent"] = state.model_name
+    return card
 
 
 def _finish(done: Done, calls: bool, legacy: bool = False) -> str:
@@ -154,7 +163,9 @@ def router(state: ApiState) -> APIRouter:
         chat_request, meta = await parsed(state, request, owner)
         if meta.get("grounding"):  # issue 14: the answer's boxes in pixels of the newest image, asked for
             meta["grounding_size"] = request_image_size(chat_request)
-        gen = await Generation.start(request, state.engine, chat_request, ticket.on_finish())
+        gen = await Generation.start(request, state.engine, chat_request, ticket.on_finish(), ticket.refund)
+        if meta.get("json_format") is not None:  # issue 14: checked (and generated once more) before it is sent
+            gen = await json_mode.validated(request, state.engine, chat_request, gen, meta)
         headers = {**clamp_headers(meta), **limit_headers(ticket)}
         if meta["stream"]:
             gen.stream()

@@ -39,8 +39,10 @@ def _fail(ctx, server, message: str) -> None:
 
 def start_engine(settings: Settings, store, ctx, server) -> None:
     """Load the model, start the worker and hand it to the page; on failure stop the server."""
+    from chat.engine.adapters import LoraError, parse_specs
     from chat.engine.local.engine import Engine
     from chat.engine.local.loader import ModelLoadError, load
+    from chat.engine.local.lora import load_adapters
     from chat.engine.local.runner import Runner
     from chat.images import open_clean
 
@@ -53,7 +55,9 @@ def start_engine(settings: Settings, store, ctx, server) -> None:
             torch.set_num_threads(threads)
             log.info("the model runs on the CPU with %d threads (--cpu-threads)", threads)
         status.set("loading")
-        loaded = load(settings.model, settings.data_dir, settings.device, progress=status.set)
+        loaded = load(settings.model, settings.data_dir, settings.device, progress=status.set,
+                      quantize=settings.quantize, max_gpu_memory=settings.max_gpu_memory)
+        lora = load_adapters(parse_specs(settings.lora), loaded.model, loaded.name)
         engine = Engine(
             Runner(loaded.model, loaded.processor),
             lambda image_id: open_clean(store.image_bytes(image_id)),
@@ -64,14 +68,15 @@ def start_engine(settings: Settings, store, ctx, server) -> None:
             max_batch_tokens=settings.max_batch_tokens,
             max_running=settings.max_running,
             max_running_per_owner=settings.max_running_per_owner,
+            lora=lora,
         )
     except Exception as exc:  # whatever it is, the server must not sit at "loading" forever
         first = (str(exc).strip().splitlines() or [""])[0]
-        message = str(exc) if isinstance(exc, ModelLoadError) else (
+        message = str(exc) if isinstance(exc, ModelLoadError | LoraError) else (
             f"Starting the model failed ({exc.__class__.__name__}: {first}). Check --device and the GPU "
             "(nvidia-smi), or lower --context-tokens if the GPU is short of memory."
         )
-        log.error("%s", message, exc_info=not isinstance(exc, ModelLoadError))
+        log.error("%s", message, exc_info=not isinstance(exc, ModelLoadError | LoraError))
         _fail(ctx, server, message)
         return
     ctx.model_name = ctx.api.model_name = loaded.name

@@ -51,6 +51,13 @@ class Settings:
     )
     data_dir: Path = _opt(Path("data"), "Folder for the SQLite history, stored images and the tiny model.")
     device: str = _opt("auto", "'auto' (GPU if present), 'cpu', 'cuda' or 'cuda:N'.", check="device")
+    lora: str = _opt("", "LoRA adapters to serve beside the base model, NAME=PATH (a PEFT adapter folder or hub id); "
+                     "repeat the flag or separate with commas. An API request picks one with \"model\": \"NAME\".",
+                     check="lora")
+    quantize: str = _opt("", "Load the weights quantized with bitsandbytes: 'int8' or 'nf4' (4-bit), for GPUs with "
+                         "less memory; empty: bf16.", check="quantize")
+    max_gpu_memory: str = _opt("", "Most GPU memory the weights may take, e.g. 10GiB; the rest is kept in CPU memory "
+                               "and streamed in (accelerate offload; slow). Empty: all on the GPU.", check="memory")
     auth: str = _opt("", "user:password for the page (Gradio auth); conversations then belong to the user.",
                      check="auth")
     users: str = _opt("", "Users file for page accounts with hashed passwords (python app.py users add NAME); "
@@ -257,6 +264,16 @@ def _networks_ok(value: str) -> bool:
         return False
 
 
+def _lora_ok(value: str) -> bool:
+    from chat.engine.adapters import LoraError, parse_specs
+
+    try:
+        parse_specs(value)
+    except LoraError:
+        return False
+    return True
+
+
 def _check_accounts(s: Settings) -> None:
     """--trusted-user-header needs --trusted-proxies, and replaces the login form of --auth/--users."""
     if s.trusted_user_header and not s.trusted_proxies.strip():
@@ -274,6 +291,10 @@ _STRING_RULES = {
     "names": (lambda v: all(re.fullmatch(r"[^\s,:]+", n.strip()) for n in v.split(",") if n.strip()),
               "empty or user names separated by commas"),
     "nonempty": (lambda v: bool(v.strip()), "non-empty"),
+    "lora": (_lora_ok, "empty, or NAME=PATH (a PEFT adapter folder or hub id); several separated by commas"),
+    "quantize": (lambda v: v in ("", "int8", "nf4"), "empty, int8 or nf4"),
+    "memory": (lambda v: not v or bool(re.fullmatch(r"\d+(\.\d+)?\s*(GiB|GB|MiB|MB)", v.strip())),
+               "empty, or an amount such as 10GiB, 12GB or 9000MiB"),
     "host": (lambda v: bool(re.fullmatch(r"\S+", v)), "an address such as 127.0.0.1, 0.0.0.0 or ::"),
     "device": (lambda v: bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", v)), "auto, cpu, cuda or cuda:N (N a GPU number)"),
     "auth": (lambda v: not v or bool(re.fullmatch(r"[^:\s][^:]*:\S.*", v)),
@@ -334,6 +355,8 @@ def parser() -> argparse.ArgumentParser:
         help_ = f"{f.metadata['help']} [env {_env_name(f.name)}]"
         if isinstance(default, bool):
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        elif f.metadata["check"] == "lora":  # repeatable: --lora a=X --lora b=Y
+            ap.add_argument(flag, type=str, action="append", default=None, metavar="NAME=PATH", help=help_)
         else:
             ap.add_argument(flag, type=str, default=default, metavar=f.name.upper(), help=help_)
     return ap
@@ -343,10 +366,11 @@ def _load(argv: list[str] | None, environ) -> Settings:
     ap = parser()
     for f in fields(Settings):
         value = environ.get(_env_name(f.name))
-        if value is not None:
+        if value is not None and f.metadata["check"] != "lora":
             # Bools are parsed now (their flags carry no text); the rest stays text, like a flag's value.
             ap.set_defaults(**{f.name: _parse(f, value) if isinstance(f.default, bool) else value})
     given = vars(ap.parse_args(argv))
+    given["lora"] = ",".join(given["lora"]) if given["lora"] else environ.get(_env_name("lora"), "")
     values = {f.name: _parse(f, given[f.name]) if isinstance(given[f.name], str) and not isinstance(
         f.default, str) else given[f.name] for f in fields(Settings)}
     return Settings(**values)

@@ -293,8 +293,6 @@ def _unsupported(body: dict, req: ChatCompletionRequest) -> list[str]:
         names.append("logprobs")
     if req.top_logprobs is not None:
         names.append("top_logprobs")
-    if req.response_format is not None and req.response_format.type != "text":
-        names.append("response_format")
     if req.logit_bias:
         names.append("logit_bias")
     modalities = body.get("modalities")
@@ -327,7 +325,8 @@ def _tools(req: ChatCompletionRequest) -> tuple[list[dict] | None, bool]:
 
 
 def parse_request(settings: Settings, body, *, model_names: tuple[str, ...], owner: str,
-                  max_prompt_chars: int | None = None, defaults=None) -> tuple[ChatRequest, dict]:
+                  max_prompt_chars: int | None = None, adapters: tuple[str, ...] = (),
+                  defaults=None) -> tuple[ChatRequest, dict]:
     """The whole request: (engine request, {"stream", "include_usage", "model", "id", "created", "tools",
     "legacy_functions", "clamped"})."""
     if not isinstance(body, dict):
@@ -392,5 +391,7 @@ def parse_request(settings: Settings, body, *, model_names: tuple[str, ...], own
     meta["grounding"] = bool(req.grounding)  # issue 14: the answer's boxes parsed into message.grounding
     cache_salt = f"{owner}|{req.cache_salt}" if req.cache_salt else owner
     request = ChatRequest(messages, params, images=inline, cache_salt=cache_salt, tools=tools,
-                          continue_final=continue_final)
-    return request, meta
+                          continue_final=continue_final, adapter=model if model in adapters else "")
+    from chat import json_mode  # issue 14: JSON mode (imports this module)
+
+    return json_mode.prepare(req.response_format, request, meta), meta

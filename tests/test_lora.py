@@ -12,9 +12,10 @@ import types
 import pytest
 import torch
 
+from chat.engine.adapters import LoraError, parse_specs
 from chat.engine.local.engine import Engine
 from chat.engine.local.loader import load
-from chat.engine.local.lora import LoraError, load_adapters, parse_specs
+from chat.engine.local.lora import load_adapters
 from chat.engine.local.runner import Runner
 from chat.engine.types import ChatRequest, Done, GenParams, UnknownAdapter
 from tests.engine_helpers import IMAGES, recorded_logits, reference_logits, user

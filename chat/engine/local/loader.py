@@ -266,10 +266,45 @@ class _Progress:
         self.stop.set()
 
 
-def load(model: str, data_dir: Path, device: str = "auto", progress=None) -> Loaded:
+def quantization(kind: str, dtype: torch.dtype):
+    """bitsandbytes settings for --quantize: the language model's projections in int8 or 4-bit NF4.
+
+    The vision encoder and lm_head stay in the model's type: they are a small share of the memory and
+    carry the precision that reading text in screenshots needs.
+    """
+    if not kind:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    skip = ["model.visual", "lm_head"]
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                              bnb_4bit_use_double_quant=True, llm_int8_skip_modules=skip)
+
+
+def placement(dev: torch.device, max_gpu_memory: str = "", max_memory: dict | None = None) -> dict:
+    """from_pretrained's device arguments: all on `dev`, or (--max-gpu-memory) as much as fits, the rest offloaded.
+
+    `max_memory` (tests): accelerate's budget per device as given, e.g. {"cpu": "1MB"} offloads to disk on a CPU.
+    """
+    if max_gpu_memory:
+        if dev.type != "cuda":
+            raise ModelLoadError("--max-gpu-memory (VLCHAT_MAX_GPU_MEMORY) limits what the weights take on the GPU, "
+                                 "but the model runs on the CPU here; leave it empty or use --device cuda.")
+        max_memory = {dev.index or 0: max_gpu_memory.replace(" ", ""), "cpu": "1TiB"}
+    if max_memory:
+        return {"device_map": "auto", "max_memory": max_memory}
+    return {"device_map": {"": str(dev)} if dev.type == "cuda" else None}
+
+
+def load(model: str, data_dir: Path, device: str = "auto", progress=None, quantize: str = "",
+         max_gpu_memory: str = "", max_memory: dict | None = None) -> Loaded:
     """Load processor and model from a hub id, a local folder or `tiny-random`.
 
-    `progress(phase, fraction)`, when given, hears how far loading the weights has got.
+    `progress(phase, fraction)`, when given, hears how far loading the weights has got. `quantize`
+    ('int8', 'nf4') loads the language model's weights quantized by bitsandbytes; `max_gpu_memory`
+    keeps the weights within that much GPU memory and offloads the rest (see `placement`).
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -294,11 +329,17 @@ def load(model: str, data_dir: Path, device: str = "auto", progress=None) -> Loa
         processor = AutoProcessor.from_pretrained(source)
         log.info("loading model weights from %s on %s as %s (this can take a minute)", source, dev, dtype)
         with _Progress(progress or (lambda phase, fraction: None), dev, _weights_bytes(source)):
+            extra = placement(dev, max_gpu_memory, max_memory)
+            if extra["device_map"] == "auto":
+                extra["offload_folder"] = str(Path(data_dir) / "offload")
+            if quantize:
+                extra["quantization_config"] = quantization(quantize, dtype)
+                extra["device_map"] = extra["device_map"] or {"": str(dev)}
             net = AutoModelForImageTextToText.from_pretrained(
                 source,
                 dtype=dtype,
-                device_map={"": str(dev)} if dev.type == "cuda" else None,
                 attn_implementation="sdpa",
+                **extra,
             )
     except torch.cuda.OutOfMemoryError as exc:
         raise ModelLoadError(
@@ -306,6 +347,9 @@ def load(model: str, data_dir: Path, device: str = "auto", progress=None) -> Loa
             "about 18 GB for weights plus room for images and the KV cache: free the GPU (other processes), "
             "use a larger card, or try a smaller Qwen3-VL checkpoint with --model."
         ) from exc
+    except ImportError as exc:  # --quantize without bitsandbytes
+        raise ModelLoadError(f"--quantize {quantize} needs the bitsandbytes package ({exc}); "
+                             "install it with: pip install bitsandbytes") from exc
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise ModelLoadError(

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from chat.engine.adapters import LoraError
+
 log = logging.getLogger(__name__)
 
 # The step's projection groups and the modules each holds, in the order their outputs are laid out.
@@ -39,11 +41,6 @@ GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("
           "down": ("down_proj",)}
 MODULE_GROUP = {m: g for g, mods in GROUPS.items() for m in mods}
 KEY = re.compile(r"(?:^|\.)language_model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
-
-
-class LoraError(ValueError):
-    """An adapter that cannot be served; the text says which and why."""
 
 
 @dataclass
@@ -55,24 +52,6 @@ class Adapter:
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     scales: dict[tuple[int, str], float]
     rank: int
-
-
-def parse_specs(text: str) -> dict[str, str]:
-    """'name=path,name2=path2' -> {name: path}; names are what `model` asks for."""
-    specs: dict[str, str] = {}
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        name, sep, path = part.partition("=")
-        name, path = name.strip(), path.strip()
-        if not sep or not name or not path:
-            raise LoraError(f"'{part}' is not NAME=PATH (a PEFT adapter folder or hub id)")
-        if not NAME.match(name):
-            raise LoraError(f"adapter name '{name}' may hold only letters, digits and . _ : - (at most 64)")
-        if name in specs:
-            raise LoraError(f"adapter name '{name}' is given twice")
-        specs[name] = path
-    return specs
 
 
 def _pattern_value(patterns: dict, module_key: str, default):

@@ -112,10 +112,15 @@ class ModelStep:
         self.attention = PagedAttention(kv, self.layers[0].self_attn.scaling)
         self.ops = Ops(compiled)
         self.lora = lora  # a LoraSet (lora.py) when adapters are loaded: every step adds their share
+        # --max-gpu-memory: accelerate keeps some weights elsewhere, and a hook on each module that holds them brings
+        # them in when the module is called. Such a model runs `_hidden_by_modules`, which reads no weight directly.
+        self.offloaded = any(p.device.type == "meta" for p in model.parameters()) or any(
+            hasattr(m, "_hf_hook") for m in text.modules())
         # q/k/v and gate/up as one matrix multiply each (SiLU-gated MLPs only, as Qwen3-VL's is).
-        self.fused = fuse_projections(self.layers) if getattr(cfg, "hidden_act", "silu") == "silu" else None
+        self.fused = fuse_projections(self.layers) if getattr(cfg, "hidden_act", "silu") == "silu" and not \
+            self.offloaded else None
         # The whole after-attention half in one call needs bias-free output and down projections (Qwen3-VL's are).
-        self.fused_out = self.fused is not None and all(
+        self.fused_out = self.fused is not None and not self.offloaded and all(
             layer.self_attn.o_proj.bias is None and layer.mlp.down_proj.bias is None for layer in self.layers)
 
     def hidden(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend,
@@ -138,6 +143,9 @@ class ModelStep:
             h[visual_rows] = visual_embeds.to(h.dtype)
         cos, sin = self.rotary(h, positions.view(3, 1, t))
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (T, 1, dim)
+        if self.offloaded:
+            return self._hidden_by_modules(h, cos, sin, slots, attend, visual_rows, deepstack,
+                                           masks if lora is not None else None)
         x = ops.rms(h, self.layers[0].input_layernorm.weight, eps)
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -178,6 +186,31 @@ class ModelStep:
             else:
                 h, x = ops.add_rms(h, delta, following, eps)
         return x
+
+    def _hidden_by_modules(self, h, cos, sin, slots, attend, visual_rows, deepstack, masks) -> torch.Tensor:
+        """`hidden` for an offloaded model: every weight is used by calling its module (so its hook runs)."""
+        t, lora = h.shape[0], self.lora if masks is not None else None
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            x = layer.input_layernorm(h)
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            extra = lora.delta(i, "qkv", x, masks) if lora is not None else None
+            if extra is not None:
+                dq, dk, dv = extra.split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
+                q, k, v = q + dq, k + dk, v + dv
+            q = attn.q_norm(q.view(t, self.n_heads, self.head_dim))
+            k = attn.k_norm(k.view(t, self.n_kv, self.head_dim))
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+            self.kv.write(i, slots, k, v.view(t, self.n_kv, self.head_dim))
+            o = attend(i, q).reshape(t, -1)
+            h = h + _plus(attn.o_proj(o), lora and lora.delta(i, "o", o, masks))
+            x = layer.post_attention_layernorm(h)
+            gate_up = torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], dim=-1)
+            act = self.ops.swiglu(_plus(gate_up, lora and lora.delta(i, "gate_up", x, masks)))
+            h = h + _plus(mlp.down_proj(act), lora and lora.delta(i, "down", act, masks))
+            if i < len(deepstack):
+                h[visual_rows] += deepstack[i].to(h.dtype)
+        return self.norm(h)
 
     @torch.inference_mode()
     def forward(self, batch: PackedBatch) -> torch.Tensor:

@@ -105,6 +105,9 @@ def _gpu_setup(engine) -> None:
     if engine.auto_kv:
         engine.resize_pool(engine.auto_kv_bytes())
     step = engine.step_runner
+    if step.offloaded:  # weights streamed in by accelerate's hooks mid-step cannot be replayed from a graph
+        log.info("weights are partly offloaded (--max-gpu-memory): decode steps run without CUDA graphs")
+        return
     max_blocks = -(-engine.max_context // engine.pool.block_size)
     for compiled in (True, False):  # compiled layer ops if this GPU's toolchain can build them
         started = time.monotonic()
