@@ -66,15 +66,18 @@ class Generation:
         self.handed_over = False
 
     @classmethod
-    async def start(cls, request: Request, engine, chat_request, on_finish=None) -> Generation:
+    async def start(cls, request: Request, engine, chat_request, on_finish=None, on_refused=None) -> Generation:
         """Submit (in a thread: it renders and tokenizes) and wait for the first event; errors as ApiError.
 
-        `on_finish`: the engine's callback with the final event (the rate limit charges the answer's tokens).
+        `on_finish`: the engine's callback with the final event (the rate limit charges the answer's tokens);
+        `on_refused`: called when the server turns the request away (busy, loading, stopping: a 503).
         """
         try:
             args = (chat_request,) if on_finish is None else (chat_request, on_finish)
             handle = await asyncio.to_thread(engine.submit, *args)
         except EngineError as exc:
+            if on_refused is not None and isinstance(exc, (Busy, NotReady, ShuttingDown)):
+                on_refused()
             raise engine_error(exc) from None
         events = handle.aevents()
         # Until a stream takes over (it notices a closed connection itself), a client that goes away

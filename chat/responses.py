@@ -314,7 +314,7 @@ def add_routes(api: APIRouter, state) -> None:
             raise relocated(exc, locs) from None
         meta = {**meta, "response_id": "resp_" + uuid.uuid4().hex, "created": int(time.time())}
         try:
-            gen = await Generation.start(request, state.engine, chat_request, ticket.on_finish())
+            gen = await Generation.start(request, state.engine, chat_request, ticket.on_finish(), ticket.refund)
         except ApiError as exc:
             raise relocated(exc, locs) from None
         headers = {**clamp_headers(meta), **limit_headers(ticket)}

@@ -6,6 +6,7 @@ Retry-After and try again, as a client should).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import openai
@@ -161,6 +162,32 @@ def test_headers_in_openai_form():
     refused = limit_headers(gate.limiter.admit("a"))
     assert refused["Retry-After"] == "30" and refused["x-ratelimit-remaining-requests"] == "0"
     assert limit_headers(Gate().limiter.admit("a")) == {}  # no limits: no headers
+
+
+def test_an_api_request_the_server_turns_away_does_not_count():
+    from chat.api_run import Generation
+    from chat.engine.types import Busy, ContextTooLong
+    from chat.openai_parse import ApiError
+
+    class Refusing:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def submit(self, request, on_finish=None):
+            raise self.exc
+
+    limiter = RateLimiter(parse_rates("1/hour"), clock=Clock())
+    ticket = limiter.admit("key")
+    with pytest.raises(ApiError) as busy:
+        asyncio.run(Generation.start(None, Refusing(Busy(3)), None, ticket.on_finish(), ticket.refund))
+    assert busy.value.status == 503
+    ticket = limiter.admit("key")  # given back: admitted again
+    assert ticket.admitted
+    with pytest.raises(ApiError) as too_long:  # the client's own fault still counts
+        asyncio.run(Generation.start(None, Refusing(ContextTooLong("too long")), None, ticket.on_finish(),
+                                     ticket.refund))
+    assert too_long.value.status == 400
+    assert not limiter.admit("key").admitted
 
 
 # -- the page ---------------------------------------------------------------------------------------
