@@ -118,8 +118,18 @@ class StreamOptions(_Model):
     continuous_usage_stats: bool | None = None
 
 
+class JsonSchemaFormat(_Model):
+    """`response_format.json_schema` (issue 14, chat/json_mode.py): the schema the answer must match."""
+
+    name: Annotated[str, Field(max_length=64)] | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Model):
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None  # issue 14: with type json_schema
 
 
 class ChatCompletionRequest(_Model):
@@ -283,6 +293,11 @@ class ResponseToolChoice(_Model):
 
 class TextFormat(_Model):
     type: str = "text"
+    # issue 14: {"type": "json_schema", "name", "schema", "strict"} (flat, as the Responses API has it)
+    name: Annotated[str, Field(max_length=64)] | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
 
 
 class TextOptions(_Model):

@@ -98,9 +98,10 @@ def to_chat(body, locs: list[str], settings) -> tuple[dict, dict]:
     for name, why in REFUSED.items():
         if getattr(req, name):
             raise bad(why, name, "unsupported_parameter")
-    fmt = req.text.format.type if req.text and req.text.format else "text"
-    if fmt != "text":
-        raise bad(f"text.format {fmt!r:.40} is not supported; only text.", "text.format", "unsupported_parameter")
+    fmt = req.text.format if req.text and req.text.format else None
+    if fmt is not None and fmt.type not in ("text", "json_object", "json_schema"):
+        raise bad(f"text.format {fmt.type!r:.40} is not supported; use text, json_object or json_schema.",
+                  "text.format", "unsupported_parameter")
     tools = []
     for k, tool in enumerate(req.tools or ()):
         if tool.type != "function" or not tool.name:
@@ -123,6 +124,11 @@ def to_chat(body, locs: list[str], settings) -> tuple[dict, dict]:
             chat[name] = getattr(req, name)
     if req.max_output_tokens is not None:
         chat["max_tokens"] = req.max_output_tokens
+    if fmt is not None and fmt.type != "text":  # issue 14: JSON mode (chat/json_mode.py), in chat's shape
+        spec = {"name": fmt.name, "description": fmt.description, "schema": fmt.schema_, "strict": fmt.strict}
+        chat["response_format"] = {"type": fmt.type}
+        if fmt.type == "json_schema":
+            chat["response_format"]["json_schema"] = {k: v for k, v in spec.items() if v is not None}
     if tools:
         chat["tools"] = tools
     choice = req.tool_choice
@@ -299,6 +305,7 @@ async def stream(gen: Generation, meta: dict):
 
 def add_routes(api: APIRouter, state) -> None:
     """POST /v1/responses on the /v1 router."""
+    from chat import json_mode
     from chat.api import check_key, parsed
     from chat.ratelimit_gate import api_ticket, limit_headers
 
@@ -315,6 +322,8 @@ def add_routes(api: APIRouter, state) -> None:
         meta = {**meta, "response_id": "resp_" + uuid.uuid4().hex, "created": int(time.time())}
         try:
             gen = await Generation.start(request, state.engine, chat_request, ticket.on_finish(), ticket.refund)
+            if meta.get("json_format") is not None:  # issue 14: checked (and generated once more) before it is sent
+                gen = await json_mode.validated(request, state.engine, chat_request, gen, meta)
         except ApiError as exc:
             raise relocated(exc, locs) from None
         headers = {**clamp_headers(meta), **limit_headers(ticket)}

@@ -27,6 +27,7 @@ class FakeUpstream:
         self.base = f"http://127.0.0.1:{self.port}/v1"
         self.requests: list[dict] = []  # {"headers": {lower-case name: value}, "body": dict, "at": monotonic}
         self.mode: str | int = "ok"
+        self.replies: list[str] = []  # answers given in order (in "ok" mode) before the default one (issue 14)
         self.error_body: dict = {}
         self.disconnects = 0
         self.disconnected = threading.Event()
@@ -74,7 +75,7 @@ class FakeUpstream:
                         for _ in range(6000):
                             self._chunk({"content": "la "})
                             time.sleep(0.02)
-                    for piece in ("answer ", "from ", fake.name):
+                    for piece in [fake.replies.pop(0)] if fake.replies else ("answer ", "from ", fake.name):
                         self._chunk({"content": piece})
                     self._chunk({}, "stop")
                     session = self.headers.get("x-session-id")

@@ -218,9 +218,10 @@ def test_completion_with_a_data_url_image(open_server):
 def test_top_k_and_presence_penalty_reach_the_sampler_and_bad_values_are_refused(open_server):
     sdk = client(open_server.base)
     msgs = [{"role": "user", "content": "Say something short."}]
-    greedy = sdk.chat.completions.create(model="tiny-random", max_tokens=12, temperature=0, messages=msgs)
+    greedy = sdk.chat.completions.create(model="tiny-random", max_tokens=12, temperature=0, messages=msgs,
+                                         presence_penalty=0)  # the model's default is 1.5 (issue 14)
     top1 = sdk.chat.completions.create(model="tiny-random", max_tokens=12, temperature=1.8, messages=msgs,
-                                       extra_body={"top_k": 1})
+                                       presence_penalty=0, extra_body={"top_k": 1})
     assert top1.choices[0].message.content == greedy.choices[0].message.content  # k=1 leaves one choice
     penalized = sdk.chat.completions.create(model="tiny-random", max_tokens=12, temperature=0, messages=msgs,
                                             presence_penalty=2.0)
