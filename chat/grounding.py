@@ -238,7 +238,7 @@ def draw(image: Image.Image, marks: list[Mark]) -> Image.Image:
     pen = ImageDraw.Draw(out)
     line = max(2, round(min(w, h) / 250))
     edge = max(1, line // 2)  # the dark outline on both sides of a box's colour
-    font = ImageFont.load_default(size=min(max(12, round(min(w, h) / 35)), 40))
+    font = ImageFont.load_default(size=min(max(14, round(min(w, h) / 28)), 48))
     pad = max(2, line)
     colours: dict[str, int] = {}
     for mark in marks:

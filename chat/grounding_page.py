@@ -34,7 +34,7 @@ from chat.notices import Notice
 from chat.store import IMAGE_EXTENSIONS, NotFound, Store
 
 DRAWN_DIR = "drawn"
-DRAW_VERSION = "1"  # part of the file key: a change to the drawing makes new files
+DRAW_VERSION = "2"  # part of the file key: a change to the drawing makes new files
 SHOWN_STATUSES = ("complete", "stopped", "interrupted")  # finished answers (a pending one is still streaming)
 FIND_MODE = "troubleshoot"
 MAX_FIND_CHARS = 200
