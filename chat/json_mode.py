@@ -107,8 +107,10 @@ def read_format(response_format, param: str = "response_format") -> JsonFormat |
     if spec is None:
         raise bad("response_format of type json_schema needs json_schema: {\"name\": ..., \"schema\": {...}}.",
                   f"{param}.json_schema")
-    schema = spec.schema_ if spec.schema_ is not None else {}
     where = f"{param}.json_schema.schema"
+    if spec.schema_ is None:
+        raise bad("A json_schema response format needs its schema (a JSON Schema object).", where)
+    schema = spec.schema_
     if _depth(schema) > MAX_SCHEMA_DEPTH or len(json.dumps(schema, ensure_ascii=False)) > MAX_SCHEMA_CHARS:
         raise bad(f"The JSON schema is too large (at most {MAX_SCHEMA_CHARS:,} characters and {MAX_SCHEMA_DEPTH} "
                   "levels).", where)

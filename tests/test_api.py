@@ -447,7 +447,8 @@ def test_every_error_path_answers_in_the_envelope(open_server, keyed_server):
     assert raises(openai.BadRequestError, create(temperature=3), 400).param == "temperature"
     envelope(post(max_tokens=0), 400, param="max_tokens")
     # Over --max-new-tokens-limit is clamped, not refused (tests/test_api_tools.py); tools are accepted.
-    for field, value in (("response_format", {"type": "json_object"}), ("logprobs", True)):
+    # (response_format json_object / json_schema is JSON mode: tests/test_json_mode.py.)
+    for field, value in (("logprobs", True),):
         err = envelope(post(**{field: value}), 400, "unsupported_parameter", field)
         assert field in err["message"]
         exc = raises(openai.BadRequestError, create(**{field: value}), 400, "unsupported_parameter")

@@ -147,7 +147,8 @@ def test_refusals_name_the_responses_parameter(server):
     assert (remote["param"], remote["code"]) == ("input[0].content[0].image_url", "image_url_not_allowed")
     assert error(400, input=[{"role": "user", "content": "a \ud800"}])["param"] == "input[0].content"
     assert error(400, previous_response_id="resp_1")["param"] == "previous_response_id"
-    assert error(400, text={"format": {"type": "json_schema"}})["code"] == "unsupported_parameter"
+    assert error(400, text={"format": {"type": "grammar"}})["code"] == "unsupported_parameter"
+    assert "needs its schema" in error(400, text={"format": {"type": "json_schema"}})["message"]  # issue 14
     assert error(400, tools=[{"type": "web_search"}])["param"] == "tools[0]"
     forced = error(400, tools=[{"type": "function", "name": "f"}], tool_choice="required")
     assert forced["param"] == "tool_choice" and "not supported" in forced["message"]
