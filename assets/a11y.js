@@ -7,7 +7,10 @@
     if (el && el.getAttribute(name) !== value) el.setAttribute(name, value);
   };
   // Radio groups are <fieldset>s without a <legend>: name them by their visible label.
-  const GROUPS = { mode: "Mode", detail: "Image detail", "conversation-list": "Conversations" };
+  // Radio groups' names: i18n.js keys (the page's language), English without it.
+  const GROUPS = { mode: ["group.mode", "Mode"], detail: ["group.detail", "Image detail"],
+    "conversation-list": ["group.conversations", "Conversations"] };
+  const tr = ([key, english]) => (window.vlchat && window.vlchat.t ? window.vlchat.t(key) : english);
 
   // The answer that follows a user's message row (null when there is none yet).
   const answerAfter = (row) => {
@@ -37,7 +40,7 @@
     const sidebar = document.querySelector(".sidebar");
     if (sidebar) {
       set(sidebar, "role", "navigation");
-      set(sidebar, "aria-label", "Conversations");
+      set(sidebar, "aria-label", tr(GROUPS["conversation-list"]));
       // Gradio puts the sidebar inside its <main>: move it just before, so main holds the chat alone. It is
       // drawn fixed at the side, so the move changes nothing on screen, only the landmarks. Its new holder
       // has the class "contain", which Gradio's scoping puts before every rule of the page's own CSS.
@@ -53,7 +56,7 @@
       const group = document.getElementById(id);
       if (!group) continue;
       set(group, "role", "radiogroup");
-      set(group, "aria-label", name);
+      set(group, "aria-label", tr(name));
       // Gradio names each radio differently, so the arrow keys cannot move between them: one name a group.
       group.querySelectorAll("input[type=radio]").forEach((input) => set(input, "name", `vl-${id}`));
     }

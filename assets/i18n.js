@@ -192,5 +192,11 @@
   };
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
   else start();
-  window.vlchat = Object.assign(window.vlchat || {}, { t, lang });
+  // Whether a status line says an answer is on its way: it starts with "Answering" in English or in the page's
+  // language (chat/stream.py writes it in the page's language, chat/i18n_catalog.py).
+  const answering = (text) => {
+    const word = t("answering").replace(/[….]+$/, "");
+    return /^Answering/.test(text || "") || (!!word && (text || "").startsWith(word));
+  };
+  window.vlchat = Object.assign(window.vlchat || {}, { t, lang, answering });
 })();

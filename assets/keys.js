@@ -37,7 +37,8 @@
     const el = $("#status [data-testid='markdown']");
     return el ? el.innerText.trim() : "";
   };
-  const answering = () => /^Answering/.test(statusText());
+  const answering = () => (window.vlchat && window.vlchat.answering ? window.vlchat.answering(statusText())
+    : /^Answering/.test(statusText()));
   const MESSAGE = "#chat [data-testid='user'], #chat [data-testid='bot']";
   const messages = () => Array.from(document.querySelectorAll(MESSAGE));
   const messageOf = (el) => (el && el.closest ? el.closest(MESSAGE) : null);

@@ -32,11 +32,12 @@
   const applyContrast = () => document.documentElement.classList.toggle("vl-hc", highContrast());
   applyContrast(); // before the first paint, so the page never flashes in the other colours
 
+  const tr = (key, english) => (window.vlchat && window.vlchat.t ? window.vlchat.t(key) : english);
   const display = () => {
     const group = document.createElement("div");
     group.id = "vl-display";
     group.setAttribute("role", "group");
-    group.setAttribute("aria-label", "Display");
+    group.setAttribute("aria-label", tr("display.label", "Display"));
     Object.assign(group.style, { display: "flex", flexWrap: "wrap", gap: "0.5rem 1rem", alignItems: "center" });
     const box = document.createElement("input");
     box.type = "checkbox";
@@ -48,7 +49,7 @@
     });
     const label = document.createElement("label");
     label.htmlFor = box.id;
-    label.textContent = "High contrast";
+    label.textContent = tr("highContrast.label", "High contrast");
     const wrap = document.createElement("span");
     wrap.className = "vl-speech-field";
     Object.assign(wrap.style, { display: "inline-flex", alignItems: "center", gap: "0.35rem" });

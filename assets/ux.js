@@ -50,7 +50,8 @@
     return el ? el.innerText.trim() : "";
   };
   const watchAnswering = () => {
-    const busy = /^Answering/.test(statusText());
+    const text = statusText();  // "Answering…" in the page's language (i18n.js)
+    const busy = window.vlchat && window.vlchat.answering ? window.vlchat.answering(text) : /^Answering/.test(text);
     if (document.body.classList.contains("vl-answering") === busy) return;
     const stop = document.querySelector("#input .stop-button");
     const hadStop = !!stop && document.activeElement === stop;

@@ -33,6 +33,7 @@ import gradio as gr
 
 from chat import ui
 from chat.conversation import DEFAULT_MODE, MODES, md_escape, mode_for
+from chat.i18n_text import say  # issue 13: status lines in the page's language
 from chat.images import ImageError, check_size, sanitize
 from chat.notices import Notice
 from chat.render import chat_history
@@ -143,7 +144,7 @@ def export(ctx: ui.Ctx, conv_id: str | None, request: gr.Request) -> tuple:
         for path, blob in files.items():
             z.writestr(path, blob)
     return (gr.update(value=str(zip_path), visible=True), gr.update(value=str(json_path), visible=True),
-            "Ready: download the Markdown (ZIP, with images) or the JSON (every version; it can be imported).")
+            say("Ready: download the Markdown (ZIP, with images) or the JSON (every version; it can be imported)."))
 
 
 # -- import -----------------------------------------------------------------------------------
@@ -326,7 +327,7 @@ def import_conversation(ctx: ui.Ctx, upload, request: gr.Request) -> tuple:
     rows = ctx.store.messages(owner, conv_id)
     return (conv_id, chat_history(ctx.store, rows), conv["title"], conv["mode"],
             gr.update(choices=ui.conversation_choices(ctx, owner), value=conv_id),
-            f"Imported “{md_escape(conv['title'])}” ({len(rows)} messages shown).")
+            say("Imported “{title}” ({n} messages shown).", title=md_escape(conv["title"]), n=len(rows)))
 
 
 def hide_downloads() -> tuple:

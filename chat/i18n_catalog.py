@@ -7,6 +7,111 @@ value goes; the translation uses the same names. Add a sentence here when you ad
 from __future__ import annotations
 
 ZH_CN: dict[str, str] = {
+    # -- the status line while an answer comes (chat/stream.py); assets/announce.js: it starts with t("answering")
+    "Answering…": "正在回答…",
+    "Answering… your next message is waiting for this answer.": "正在回答… 你的下一条消息正在等这个回答结束。",
+    "Answering… waiting for the model: you are next.": "正在回答… 正在等待模型：下一个就是你。",
+    "Answering… waiting for the model: {ahead} ahead of you.": "正在回答… 正在等待模型：前面还有 {ahead} 个。",
+    "Stopped.": "已停止。",
+    "The answer reached the length limit (Settings → Max new tokens).":
+        "回答达到了长度上限（设置 → 最大新 token 数）。",
+    "Renamed.": "已重命名。",
+    "Conversation deleted.": "对话已删除。",
+    # -- notes in an answer (chat/render.py) --
+    "⏹ Stopped.": "⏹ 已停止。",
+    "⚠ Interrupted (the server restarted).": "⚠ 已中断（服务器重启了）。",
+    "The answer failed.": "回答失败。",
+    "⚠ Stopped by the content filter.": "⚠ 已被内容过滤器停止。",
+    "The answer was stopped by the content filter.": "回答已被内容过滤器停止。",
+    "Version {k} of {n}": "第 {k} 版，共 {n} 版",
+    # -- start-up (chat/engine/types.py LoadStatus, chat/engine/upstreams.py) --
+    "Starting…": "正在启动…",
+    "Starting, {pct}%…": "正在启动，{pct}%…",
+    "Loading the model…": "正在加载模型…",
+    "Loading the model, {pct}%…": "正在加载模型，{pct}%…",
+    "Warming up the model…": "正在预热模型…",
+    "Warming up the model, {pct}%…": "正在预热模型，{pct}%…",
+    "Ready.": "就绪。",
+    "The model could not start: {error}": "模型无法启动：{error}",
+    "The model is loading…": "模型正在加载…",
+    "Connecting to the model server…": "正在连接模型服务器…",
+    "The model server is not reachable; vlchat keeps trying and answers again as soon as it is back.":
+        "无法连接模型服务器；vlchat 会继续尝试，服务器恢复后立即继续回答。",
+    # -- notices (chat/ui.py, chat/stream.py, chat/engine) --
+    "This browser has no identity yet; reload the page.": "此浏览器还没有身份标识；请重新加载页面。",
+    "Your message is {n} characters; the limit is {limit}. Shorten it or split it into several messages. "
+    "Nothing was sent.": "你的消息有 {n} 个字符；上限是 {limit}。请缩短或分成几条消息。没有发送任何内容。",
+    "The system prompt override is {n} characters; the limit is {limit}. Shorten it or split it into several "
+    "messages. Nothing was sent.": "覆盖的系统提示词有 {n} 个字符；上限是 {limit}。请缩短它。没有发送任何内容。",
+    "Nothing was sent; your message is still in the box.": "没有发送任何内容；你的消息还在输入框里。",
+    "The model is not ready yet, so nothing was sent; try again when the box is enabled.":
+        "模型尚未就绪，因此没有发送任何内容；输入框可用后请再试。",
+    "That conversation does not exist (it may have been deleted).": "该对话不存在（可能已被删除）。",
+    "Open or start a conversation first.": "请先打开或开始一个对话。",
+    "A title cannot be empty.": "标题不能为空。",
+    "That conversation no longer exists.": "该对话已不存在。",
+    "That conversation no longer exists; start a new chat.": "该对话已不存在；请开始新对话。",
+    "Your message is still in the box.": "你的消息还在输入框里。",
+    "Type a question or attach an image.": "请输入问题或附加图片。",
+    "This conversation would hold {n} images; the limit is {limit}. Start a new chat.":
+        "这个对话将包含 {n} 张图片；上限是 {limit}。请开始新对话。",
+    "Nothing to regenerate yet.": "还没有可以重新生成的内容。",
+    "A message is already waiting for the answer on screen. Press Stop to end that answer sooner.":
+        "已有一条消息在等待屏幕上的回答。按“停止”可以提前结束那个回答。",
+    "The answer on screen is still going; press Stop, then send your message again.":
+        "屏幕上的回答仍在进行；请按“停止”，然后再次发送你的消息。",
+    "The server is busy: {n} requests are waiting. Try again in a moment.":
+        "服务器正忙：有 {n} 个请求在等待。请稍后再试。",
+    "The model is still loading; try again in a moment.": "模型仍在加载；请稍后再试。",
+    "The server is restarting; your answer was cut short. Try again in a minute.":
+        "服务器正在重启；你的回答被中断了。请一分钟后再试。",
+    "This conversation is {n} tokens and the answer may take {m}; together that is {over} over the {limit}-token "
+    "limit. Choose a lower image detail, remove an image, ask for a shorter answer (Max new tokens) or start a new "
+    "chat.": "这个对话有 {n} 个 token，回答可能需要 {m} 个；合计超出 {limit} token 上限 {over} 个。"
+             "请选择较低的图片细节、移除图片、要求更短的回答（最大新 token 数）或开始新对话。",
+    "This conversation's text is {n} characters, more than the {limit}-token context can hold. Send a shorter text "
+    "(or attach it in parts) or start a new chat.":
+        "这个对话的文字有 {n} 个字符，超过了 {limit} token 上下文所能容纳的。"
+        "请发送更短的文字（或分几次发送），或开始新对话。",
+    "This conversation needs more KV memory than the server has; start a new chat or ask for a shorter answer.":
+        "这个对话需要的 KV 内存超过了服务器所有；请开始新对话或要求更短的回答。",
+    "The model failed while answering; the error is in the server log.": "模型在回答时出错；错误记录在服务器日志中。",
+    # -- images (chat/uploads.py) --
+    "{name} could not be read; attach it again.": "无法读取 {name}；请重新附加。",
+    "{n} images attached; a message may carry {limit}.": "附加了 {n} 张图片；一条消息最多 {limit} 张。",
+    "{name}: the file is {size} MB; the limit is {limit} MB.": "{name}：文件大小为 {size} MB；上限是 {limit} MB。",
+    # -- describe, follow-ups, versions, delete (chat/describe.py, versions.py, ui_conversation.py) --
+    "An answer is still coming. Wait for it to finish, or press Stop, then try again.":
+        "回答还在生成。请等它结束，或按“停止”，然后再试。",
+    "Choose a photo to describe.": "请选择要描述的照片。",
+    "That follow-up question is not available in this mode.": "这个追问在当前模式下不可用。",
+    "Describe a photo or ask a question first; follow-up questions are about its answer.":
+        "请先描述一张照片或提一个问题；追问是针对它的回答的。",
+    "Choose a message that has versions first.": "请先选择一条有多个版本的消息。",
+    "That message is no longer there; open the conversation again.": "该消息已不存在；请重新打开对话。",
+    "Choose the question to edit first.": "请先选择要编辑的问题。",
+    "Only a question can be edited; choose one under Message.": "只能编辑问题；请在“消息”中选择一个问题。",
+    "The edited question is empty; type it, or choose Previous version to go back.":
+        "编辑后的问题是空的；请输入内容，或选择“上一版本”返回。",
+    "Open a conversation first; there is nothing to delete.": "请先打开一个对话；没有可删除的内容。",
+    "Nothing to edit yet: send a message first.": "还没有可编辑的内容：请先发送一条消息。",
+    "Question {n}: version {k} of {m}.": "问题 {n}：第 {k} 版，共 {m} 版。",
+    "Answer {n}: version {k} of {m}.": "回答 {n}：第 {k} 版，共 {m} 版。",
+    "Edit it below to ask it another way; the answers so far stay as versions.":
+        "可在下方编辑，换一种方式提问；已有的回答会作为版本保留。",
+    # -- search, export and import (chat/search.py, chat/history_io.py) --
+    "No conversations match.": "没有匹配的对话。",
+    "1 conversation matches.": "有 1 个对话匹配。",
+    "{n} conversations match.": "有 {n} 个对话匹配。",
+    "Open or start a conversation first; then it can be exported.": "请先打开或开始一个对话，然后才能导出。",
+    "Ready: download the Markdown (ZIP, with images) or the JSON (every version; it can be imported).":
+        "已就绪：下载 Markdown（ZIP，含图片）或 JSON（包含所有版本；可以导入）。",
+    "The file could not be read; choose it again.": "无法读取该文件；请重新选择。",
+    "Choose a vlchat JSON export to import.": "请选择要导入的 vlchat JSON 导出文件。",
+    "This file cannot be imported: {why} Nothing was imported.": "无法导入此文件：{why} 没有导入任何内容。",
+    "Imported “{title}” ({n} messages shown).": "已导入“{title}”（显示 {n} 条消息）。",
+    # -- describe conversations' titles (chat/versions.py / chat/describe.py) --
+    "Photo: {name}": "照片：{name}",
     # -- issue 14: over-long conversations (chat/trim.py) --
     "Earlier messages (1 turn) were left out to fit the model's context.":
         "为了放进模型的上下文，较早的消息（1 轮）未发送给模型。",

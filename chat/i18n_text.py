@@ -22,6 +22,7 @@ from chat.i18n_catalog import CATALOG
 DEFAULT = "en"
 _LANG: ContextVar[str] = ContextVar("vlchat_page_lang", default=DEFAULT)
 _FIELD = re.compile(r"\{(\w+)(?::[^}]*)?\}")
+_FREE = ("name", "title", "why", "error")  # fields that may hold any text; the others are numbers
 
 
 def current() -> str:
@@ -69,7 +70,8 @@ def _pattern(template: str) -> re.Pattern:
     for m in _FIELD.finditer(template):
         parts.append(re.escape(template[at:m.start()]))
         name = m.group(1)
-        parts.append(f"(?P<{name}>.+?)" if name not in names else f"(?P={name})")
+        value = r".+?" if name in _FREE else r"\S+?"  # numbers have no spaces; names and reasons may
+        parts.append(f"(?P<{name}>{value})" if name not in names else f"(?P={name})")
         names.append(name)
         at = m.end()
     parts.append(re.escape(template[at:]))
@@ -82,25 +84,56 @@ _PATTERNS: dict[str, list[tuple[re.Pattern, str]]] = {
 }
 
 
-def translate(message: str, lang: str | None = None) -> str:
-    """A finished English sentence (or several, each from the catalog) in the page's language.
-
-    Values in it (numbers, names) are carried over as they are. Unknown text stays English.
-    """
-    lang = lang or current()
-    table = CATALOG.get(lang)
-    if not table or not message:
-        return message
+def _one(message: str, lang: str) -> str | None:
+    """`message` as one catalog entry in `lang`, or None."""
+    table = CATALOG[lang]
     if message in table:
         return table[message]
     for pattern, text in _PATTERNS[lang]:
         m = pattern.match(message)
         if m:
             return _FIELD.sub(lambda f, m=m: m.group(f.group(1)), text)
-    # Sentences joined by the caller ("<loading line> The model is not ready yet, ..."): each on its own.
-    head, sep, tail = message.partition(". ")
-    if sep and tail:
-        first, rest = translate(head + ".", lang), translate(tail, lang)
-        if first != head + "." or rest != tail:
-            return f"{first}{'' if lang.startswith('zh') else ' '}{rest}"
-    return message
+    return None
+
+
+_SENTENCE_END = re.compile(r"(?<=[.…!?])\s+")
+
+
+def translate(message: str, lang: str | None = None) -> str:
+    """A finished English message in the page's language: as one entry, else sentence by sentence.
+
+    Values in it (numbers, names) are carried over as they are. What the catalog does not know stays English.
+    """
+    lang = lang or current()
+    if lang not in CATALOG or not message:
+        return message
+    whole = _one(message, lang)
+    if whole is not None:
+        return whole
+    # Sentences joined by the caller ("<loading line> The model is not ready yet, ..."): the longest runs of
+    # them that the catalog knows, left to right.
+    sentences = _SENTENCE_END.split(message)
+    out, at = [], 0
+    while at < len(sentences):
+        for end in range(len(sentences), at, -1):
+            found = _one(" ".join(sentences[at:end]), lang)
+            if found is not None:
+                out.append(found)
+                at = end
+                break
+        else:
+            out.append(sentences[at])
+            at += 1
+    return ("" if lang.startswith("zh") else " ").join(out)
+
+
+def page_lang(args: tuple, kwargs: dict) -> str:
+    """The page's language for a handler call, from the gr.Request among its arguments ("en" without one)."""
+    import gradio as gr
+
+    from chat.i18n import lang_of
+
+    request = kwargs.get("request")
+    if request is None:
+        request = next((a for a in args if isinstance(a, gr.Request)), None)
+    return lang_of(request) if request is not None else DEFAULT

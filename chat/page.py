@@ -21,6 +21,7 @@ from chat.engine.sampling_defaults import CARD
 from chat.grounding_page import find, find_visible  # issue 14 (grounding): "Find on the image", screenshot mode
 from chat.i18n import I18N
 from chat.i18n import label as L  # issue 13 (ux): labels translated in the browser (chat/i18n.py)
+from chat.i18n_text import in_language, page_lang, speaking, translate  # issue 13: server sentences
 from chat.notices import Notice
 from chat.sampling_panel import controls, page_defaults, restore  # issue 14: top k and penalties in the settings
 from chat.ui import (
@@ -55,30 +56,36 @@ def bind(fn, ctx: Ctx, outputs: int | None = None):
     With `outputs` (how many outputs `fn` itself has), two more outputs follow them: the notice
     region and its text. A `Notice` then shows there and leaves the other outputs untouched; a
     handler that succeeds hides an earlier notice.
+
+    Issue 13: the handler runs in the page's language (chat.i18n_text: status lines and notes it writes
+    with `say`), and a notice is shown in it.
     """
-    def refused(exc: Notice) -> tuple:
-        return (*[gr.skip()] * outputs, *notices.shown(exc.message))
+    def refused(exc: Notice, lang: str) -> tuple:
+        return (*[gr.skip()] * outputs, *notices.shown(translate(exc.message, lang)))
 
     if inspect.isgeneratorfunction(fn):
         def bound(*args, **kwargs):
+            lang = page_lang(args, kwargs)
             if outputs is None:
-                yield from fn(ctx, *args, **kwargs)
+                yield from in_language(lang, fn(ctx, *args, **kwargs))
                 return
             first = True
             try:
-                for out in fn(ctx, *args, **kwargs):
+                for out in in_language(lang, fn(ctx, *args, **kwargs)):
                     yield (*_as_tuple(out), *(notices.hidden() if first else notices.untouched()))
                     first = False
             except Notice as exc:
-                yield refused(exc)
+                yield refused(exc, lang)
     else:
         def bound(*args, **kwargs):
-            if outputs is None:
-                return fn(ctx, *args, **kwargs)
-            try:
-                return (*_as_tuple(fn(ctx, *args, **kwargs)), *notices.hidden())
-            except Notice as exc:
-                return refused(exc)
+            lang = page_lang(args, kwargs)
+            with speaking(lang):
+                if outputs is None:
+                    return fn(ctx, *args, **kwargs)
+                try:
+                    return (*_as_tuple(fn(ctx, *args, **kwargs)), *notices.hidden())
+                except Notice as exc:
+                    return refused(exc, lang)
     functools.update_wrapper(bound, fn)
     sig = inspect.signature(fn)
     bound.__signature__ = sig.replace(parameters=list(sig.parameters.values())[1:])
@@ -117,8 +124,8 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
         with gr.Sidebar(label=L("conversations"), position="left"):
             new_btn = gr.Button(L("new_chat"), variant="primary", elem_id="new-chat")
             # -- issue 13 (history): search the conversations (chat.search) --
-            search_box = gr.Textbox(label="Search conversations", elem_id="search", max_lines=1,
-                                    placeholder="Words in a title or a message")
+            search_box = gr.Textbox(label=L("search.label"), elem_id="search", max_lines=1,
+                                    placeholder=L("search.placeholder"))
             search_line = gr.Markdown("", elem_id="search-results", container=False)
             # -- end issue 13 (history) --
             conv_list = gr.Radio(label=L("conversations"), choices=[], elem_id="conversation-list")
@@ -134,13 +141,13 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
                     confirm_no = gr.Button(L("cancel"), size="sm", elem_id="delete-confirm-no")
             # -- end issue 13 (ux) --
             # -- issue 13 (history): export (ZIP of Markdown + images, JSON) and import (chat.history_io) --
-            with gr.Accordion("Export or import", open=False, elem_id="export-import"):
-                export_btn = gr.Button("Export this conversation", size="sm", elem_id="export")
-                export_zip = gr.DownloadButton("Download Markdown with images (.zip)", size="sm", visible=False,
+            with gr.Accordion(L("export.title"), open=False, elem_id="export-import"):
+                export_btn = gr.Button(L("export.button"), size="sm", elem_id="export")
+                export_zip = gr.DownloadButton(L("export.zip"), size="sm", visible=False,
                                                elem_id="export-zip")
-                export_json = gr.DownloadButton("Download JSON (every version)", size="sm", visible=False,
+                export_json = gr.DownloadButton(L("export.json"), size="sm", visible=False,
                                                 elem_id="export-json")
-                import_btn = gr.UploadButton("Import a conversation (.json)", size="sm", file_types=[".json"],
+                import_btn = gr.UploadButton(L("import.button"), size="sm", file_types=[".json"],
                                              file_count="single", type="filepath", elem_id="import")
             # -- end issue 13 (history) --
         mode = gr.Radio(mode_choices, value=default.key, label=L("mode"), elem_id="mode")
@@ -194,17 +201,17 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
             stop_btn = gr.Button(L("stop"), variant="stop", elem_id="stop")
             regen_btn = gr.Button(L("regenerate"), elem_id="regenerate")
         # -- issue 13 (history): edit a question, page through versions (chat.versions) --
-        with gr.Accordion("Edit and versions", open=False, elem_id="versions"):
+        with gr.Accordion(L("versions.title"), open=False, elem_id="versions"):
             # allow_custom_value: the choices follow the chat on every change, and a value from just before is
             # checked by chat.versions (it must be on the path on screen), not refused by Gradio as "not a choice".
-            version_target = gr.Dropdown(label="Message", choices=[], elem_id="version-message",
+            version_target = gr.Dropdown(label=L("versions.message"), choices=[], elem_id="version-message",
                                          allow_custom_value=True)
             version_line = gr.Markdown("", elem_id="version-line")
             with gr.Row():
-                prev_btn = gr.Button("Previous version", size="sm", interactive=False, elem_id="version-prev")
-                next_btn = gr.Button("Next version", size="sm", interactive=False, elem_id="version-next")
-            edit_text = gr.Textbox(label="Edited question", lines=3, visible=False, elem_id="edit-text")
-            edit_btn = gr.Button("Send edited question", variant="primary", visible=False, elem_id="edit-send")
+                prev_btn = gr.Button(L("versions.previous"), size="sm", interactive=False, elem_id="version-prev")
+                next_btn = gr.Button(L("versions.next"), size="sm", interactive=False, elem_id="version-next")
+            edit_text = gr.Textbox(label=L("versions.edited"), lines=3, visible=False, elem_id="edit-text")
+            edit_btn = gr.Button(L("versions.send"), variant="primary", visible=False, elem_id="edit-send")
             version_seen = gr.State(None)  # the newest message id the panel has seen (chat.versions.panel)
         # -- end issue 13 (history) --
         with gr.Accordion(L("settings"), open=False, elem_id="settings"):

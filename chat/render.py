@@ -18,6 +18,7 @@ from markdown_it import MarkdownIt
 
 from chat import trim  # issue 14: an answer from a shortened conversation says so
 from chat.grounding_page import with_figure  # issue 14 (grounding): boxes drawn on the image under the answer
+from chat.i18n_text import say, translate  # issue 13: notes in the page's language
 from chat.stats import with_details
 from chat.store import NotFound, Store
 
@@ -92,9 +93,9 @@ def answer_content(text: str, status: str, error: str = "") -> dict:
     """An answer as a Chatbot text part, with a visible note when it did not complete."""
     body = message_html(text)
     if status == "error":
-        note = f"⚠ {error or 'The answer failed.'}"
+        note = f"⚠ {translate(error) if error else say('The answer failed.')}"
     else:
-        note = STATUS_NOTE.get(status, "") if status != "complete" else ""
+        note = say(STATUS_NOTE.get(status, "")) if status != "complete" else ""  # in the page's language
     if note:
         # The class says which note it is, whatever language the text is in (assets/announce.js reads it).
         note_html = f'<p class="answer-note vl-note-{status}"><em>{html.escape(note)}</em></p>'
@@ -109,7 +110,8 @@ def _mark_version(message: dict, row: dict) -> None:
     """
     if row.get("versions", 1) < 2:
         return
-    note = f'<p class="answer-note vl-version">Version {int(row["version"])} of {int(row["versions"])}</p>'
+    line = say("Version {k} of {n}", k=int(row["version"]), n=int(row["versions"]))
+    note = f'<p class="answer-note vl-version">{html.escape(line)}</p>'
     content = message["content"]
     parts = content if isinstance(content, list) else [content]
     texts = [part for part in parts if isinstance(part, dict) and part.get("type") == "text"]

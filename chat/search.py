@@ -10,6 +10,7 @@ from __future__ import annotations
 import gradio as gr
 
 from chat import ui
+from chat.i18n_text import translate
 from chat.notices import Notice
 
 MAX_QUERY_CHARS = 200
@@ -31,4 +32,4 @@ def search(ctx: ui.Ctx, query: str | None, conv_id: str | None, request: gr.Requ
         line = "No conversations match."
     else:
         line = f"{len(found)} conversation{'s' if len(found) != 1 else ''} match{'es' if len(found) == 1 else ''}."
-    return gr.update(choices=choices, value=value), line
+    return gr.update(choices=choices, value=value), translate(line)  # issue 13: in the page's language

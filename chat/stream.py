@@ -26,6 +26,7 @@ import gradio as gr
 from chat import trim
 from chat.engine.types import Delta, Done, Failed
 from chat.grounding_page import for_conversation  # issue 14 (grounding)
+from chat.i18n_text import say, translate  # issue 13: status lines in the page's language
 from chat.notices import Notice
 from chat.render import FINISH_STATUS, answer_content
 from chat.stats import timing, with_details
@@ -90,7 +91,7 @@ def wait_turn(ctx: Ctx, session: str) -> Iterator[tuple]:
                          "sooner.")
         ctx.queued.add(session)
     try:
-        yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), WAITING_LINE, gr.skip()
+        yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), say(WAITING_LINE), gr.skip()
         deadline = time.monotonic() + TURN_WAIT_SECONDS
         while True:
             with ctx.lock:
@@ -214,18 +215,19 @@ def waiting_line(handle, since: float, now: float | None = None) -> str:
     """
     ahead = getattr(handle, "ahead", None)
     if ahead is None or (now if now is not None else time.monotonic()) - since < WAIT_NOTE_SECONDS:
-        return "Answering…"
-    place = "you are next" if ahead == 0 else f"{ahead} ahead of you"
-    return f"Answering… waiting for the model: {place}."
+        return say("Answering…")
+    if ahead == 0:
+        return say("Answering… waiting for the model: you are next.")
+    return say("Answering… waiting for the model: {ahead} ahead of you.", ahead=ahead)
 
 
 def _done_note(event: Done) -> str:
-    note = "Stopped." if event.finish_reason == "cancelled" else ""
+    note = say("Stopped.") if event.finish_reason == "cancelled" else ""
     if event.finish_reason == "length":
-        note = "The answer reached the length limit (Settings → Max new tokens)."
+        note = say("The answer reached the length limit (Settings → Max new tokens).")
     if event.finish_reason == "content_filter":
         note = "The answer was stopped by the content filter."
-    return f"{event.notice} {note}".strip()
+    return translate(f"{event.notice} {note}".strip())  # the engine's and the filter's notes too
 
 
 def stream(ctx: Ctx, turn: Turn, handle, session: str, token: int, history: list[dict], first: tuple,
@@ -255,9 +257,10 @@ def stream(ctx: Ctx, turn: Turn, handle, session: str, token: int, history: list
             ctx.active[session] = handle
         conv_id, box, choices, title = first
         history = [*history, {"role": "assistant", "content": answer_content("", "pending")}]
-        yield conv_id, history, box, choices, "Answering…", title
+        answering = say("Answering…")  # in the page's language (issue 13)
+        yield conv_id, history, box, choices, answering, title
         text, shown, drawn_at, saved_at = "", "", time.monotonic(), time.monotonic()
-        said = "Answering…"
+        said = answering
         for event in _events(handle):
             if not in_view():
                 left.set()
@@ -268,8 +271,8 @@ def stream(ctx: Ctx, turn: Turn, handle, session: str, token: int, history: list
                 yield skip, skip, skip, skip, line, skip
             if event is None or isinstance(event, Delta):
                 if event is not None:
-                    if said != "Answering…" and event.text:
-                        said = "Answering…"
+                    if said != answering and event.text:
+                        said = answering
                         yield skip, skip, skip, skip, said, skip
                     if event.text and turn.first_at is None:
                         turn.first_at = time.monotonic()
@@ -297,8 +300,9 @@ def stream(ctx: Ctx, turn: Turn, handle, session: str, token: int, history: list
                 raise Notice(event.message)
             else:
                 status = "interrupted" if event.code == "shutting_down" else "error"
-                history[-1] = {"role": "assistant", "content": answer_content(event.text, status, event.message)}
-                yield skip, history, skip, skip, event.message, skip
+                message = translate(event.message)
+                history[-1] = {"role": "assistant", "content": answer_content(event.text, status, message)}
+                yield skip, history, skip, skip, message, skip
     finally:
         left.set()
         with ctx.lock:

@@ -38,6 +38,7 @@ from chat.conversation import (
 from chat.engine.sampling_defaults import defaults_of
 from chat.engine.types import ChatRequest, EngineError, Failed
 from chat.i18n import lang_of
+from chat.i18n_text import say, translate  # issue 13: status lines in the page's language
 from chat.images import DEFAULT_DETAIL, DETAILS, plan
 from chat.notices import Notice
 from chat.ratelimit_gate import page_ticket
@@ -139,7 +140,7 @@ def readiness(ctx: Ctx) -> tuple:
         just_back = time.monotonic() - ctx.engine.changed_at < 2 * watch
         return (gr.update(interactive=True, placeholder=PLACEHOLDER), "" if just_back else gr.skip(),
                 gr.Timer(watch, active=True))
-    line = loading_line(ctx)
+    line = translate(loading_line(ctx))  # issue 13: in the page's language
     failed = getattr(ctx.status, "phase", "") == "failed"
     return gr.update(interactive=False, placeholder=line), line, gr.Timer(active=not failed)
 
@@ -161,7 +162,7 @@ def on_load(ctx: Ctx, request: gr.Request):
     return (gr.update(choices=choices, value=None), *readiness(ctx))
 
 
-def loading_tick(ctx: Ctx):
+def loading_tick(ctx: Ctx, request: gr.Request = None):  # the request: the page's language (chat.page.bind)
     """While the model loads: the progress line; then enable the box and stop the timer."""
     return readiness(ctx)
 
@@ -197,7 +198,7 @@ def rename(ctx: Ctx, conv_id: str | None, title: str, request: gr.Request):
         raise Notice("A title cannot be empty.") from None
     except NotFound:
         raise Notice("That conversation no longer exists.") from None
-    return gr.update(choices=conversation_choices(ctx, owner), value=conv_id), "Renamed."
+    return gr.update(choices=conversation_choices(ctx, owner), value=conv_id), say("Renamed.")
 
 
 def delete(ctx: Ctx, conv_id: str | None, request: gr.Request):
@@ -215,7 +216,7 @@ def delete(ctx: Ctx, conv_id: str | None, request: gr.Request):
             handle.cancel()
         switch_view(ctx, request.session_hash)
         ctx.store.delete_conversation(owner, conv_id)
-    return None, [], "", gr.update(choices=conversation_choices(ctx, owner), value=None), "Conversation deleted."
+    return None, [], "", gr.update(choices=conversation_choices(ctx, owner), value=None), say("Conversation deleted.")
 
 
 def change_mode(ctx: Ctx, conv_id: str | None, mode: str, request: gr.Request):
@@ -236,7 +237,7 @@ def stop(ctx: Ctx, request: gr.Request) -> str:
     if handle is None:
         return ""
     handle.cancel()
-    return "Stopped."
+    return say("Stopped.")
 
 
 def page_closed(ctx: Ctx, request: gr.Request) -> None:
@@ -347,7 +348,10 @@ def send(ctx: Ctx, conv_id, box, mode, temperature, top_p, max_new_tokens, syste
     try:  # accepted: now it is stored
         ids = [ctx.store.put_image(i.data, mime=i.mime, width=i.width, height=i.height) for i in images]
         if not conv_id:
-            conv_id = ctx.store.create_conversation(owner, title=title_from(asked), mode=m.key, settings=settings)
+            # issue 13: a photo sent without a question is titled by its file name, not the describe prompt
+            named = title_from(say("Photo: {name}", name=", ".join(names))) if names and not text else None
+            conv_id = ctx.store.create_conversation(owner, title=named or title_from(asked), mode=m.key,
+                                                    settings=settings)
         question_id = ctx.store.add_message(owner, conv_id, role="user", text=asked, image_ids=ids, mode=m.key,
                                             settings=settings, image_names=names)
         answer_id = ctx.store.add_message(owner, conv_id, role="assistant", text="", status="pending", mode=m.key,

@@ -10,7 +10,7 @@ import gradio as gr
 import pytest
 
 from chat import describe, page, ui
-from chat.conversation import MODES, title_from
+from chat.conversation import MODES
 from chat.notices import Notice
 from tests.test_ui import OWNER, Req, png, real_ctx, text_of
 
@@ -57,11 +57,11 @@ def test_describe_sends_the_modes_prompt_at_once_and_stores_it(ctx, tmp_path, mo
     assert rows[0]["text"] == prompt and len(rows[0]["image_ids"]) == 1
     assert rows[1]["status"] == "complete" and rows[1]["text"]
     assert ctx.store.get_conversation(OWNER, conv_id)["mode"] == mode
-    # On the page: the question shown is the prompt, under the photo; the title is the prompt too.
+    # On the page: the question shown is the prompt, under the photo; the title names the photo (issue 13).
     history = updates[-1][1]
     assert text_of(history[0]).endswith(f"<p>{prompt}</p>")  # (after the file names, if shown)
     assert history[0]["content"][0]["file"]["path"].endswith(rows[0]["image_ids"][0] + ".png")
-    assert updates[0][5] == title_from(prompt)
+    assert updates[0][5] == "Photo: a.png"
     # What is typed in the message box meanwhile stays there: no update of the box.
     assert all(skipped(u[2]) for u in updates)
 
@@ -83,7 +83,7 @@ def test_a_photo_with_no_text_asks_the_describe_prompt(ctx, tmp_path):
     conv_id = ui_send(ctx, None, "   ", [png(tmp_path)], mode="troubleshoot")
     question = ctx.store.messages(OWNER, conv_id)[0]
     assert question["text"] == MODES["troubleshoot"].describe_prompt and question["image_ids"]
-    assert ctx.store.get_conversation(OWNER, conv_id)["title"] == title_from(MODES["troubleshoot"].describe_prompt)
+    assert ctx.store.get_conversation(OWNER, conv_id)["title"] == "Photo: a.png"  # not the prompt (issue 13)
     # Typed text is asked as typed; no text and no image is still refused.
     conv_id = ui_send(ctx, None, "What is this?", [png(tmp_path, "b.png", colour=(1, 2, 3))])
     assert ctx.store.messages(OWNER, conv_id)[0]["text"] == "What is this?"

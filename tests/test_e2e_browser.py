@@ -85,7 +85,8 @@ def wait_idle(page, timeout: float = 60) -> None:
     last, stable = None, 0
     while time.monotonic() < deadline:
         current = page.locator("#chat").inner_text()
-        busy = "Answering" in page.locator("#status").inner_text()
+        status = page.locator("#status").inner_text()
+        busy = "Answering" in status or "正在回答" in status  # in English or on a Chinese page (chat/i18n_catalog.py)
         stable = stable + 1 if current == last and not busy else 0
         if stable >= 4:
             return

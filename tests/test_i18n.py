@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +13,8 @@ from chat.conversation import MODES, localized
 from tests.servers import Server, data_dir
 from tests.test_a11y_axe import AXE_JS, assert_clean
 from tests.test_e2e_browser import send, wait_idle
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_language_comes_from_the_choice_then_the_browser():
@@ -139,3 +143,125 @@ def test_a_chinese_page_asks_in_chinese_and_the_model_is_told_to_answer_in_it(ct
     assert ui_conversation.ask_delete(ctx, conv_id, zh)[1].startswith("**删除“")
     list(ui.regenerate(ctx, conv_id, "scene", 0.0, 0.9, 16, "", Req()))
     assert sent[-1].messages[0]["content"].startswith("You describe images for a blind")
+
+
+# -- issue 13, finished: what the server writes (status lines, notices, notes) in the page's language ------------
+
+ANSWERING_ZH = re.search(r'"answering": "([^"]+)"', (ROOT / "assets" / "i18n.js").read_text().split('"zh-CN": {')[1])[1]
+
+
+def zh_request():
+    from tests.test_ui import Req
+
+    req = Req()
+    req.headers, req.cookies = {"accept-language": "zh-CN,zh;q=0.9"}, {}
+    return req
+
+
+def test_the_server_s_sentences_have_translations_that_keep_their_values():
+    from chat import i18n_text
+    from chat.i18n_catalog import CATALOG
+
+    fields = re.compile(r"\{(\w+)")
+    for english, chinese in CATALOG["zh-CN"].items():
+        assert set(fields.findall(english)) == set(fields.findall(chinese)), english
+        assert any("\u4e00" <= c <= "\u9fff" for c in chinese), english
+    # The status while an answer comes starts with i18n.js's "answering" (announce.js, ux.js and keys.js look
+    # for it, without its ellipsis), the queue lines too.
+    word = ANSWERING_ZH.rstrip("….")
+    assert word == "正在回答"
+    for line in ("Answering…", "Answering… your next message is waiting for this answer.",
+                 "Answering… waiting for the model: you are next."):
+        assert i18n_text.say(line, "zh-CN").startswith(word), line
+    assert i18n_text.say("Answering… waiting for the model: {ahead} ahead of you.", "zh-CN", ahead=3) == \
+        "正在回答… 正在等待模型：前面还有 3 个。"
+    # A finished English notice is translated whole or sentence by sentence, its numbers kept.
+    busy = "The server is busy: 3 requests are waiting. Try again in a moment. Your message is still in the box."
+    assert i18n_text.translate(busy, "zh-CN") == "服务器正忙：有 3 个请求在等待。请稍后再试。你的消息还在输入框里。"
+    assert i18n_text.translate("Loading the model, 43%… The model is not ready yet, so nothing was sent; try "
+                               "again when the box is enabled.", "zh-CN").startswith("正在加载模型，43%…模型尚未就绪")
+    assert i18n_text.translate("Something new.", "zh-CN") == "Something new."  # unknown: as it was
+    assert i18n_text.translate("Stopped.", "en") == "Stopped."
+    # Every plain notice the page's modules raise has its translation.
+    plain = re.compile(r'Notice\(\s*"((?:[^"\\]|\\.)*)"(?:\s*"((?:[^"\\]|\\.)*)")?\s*\)')
+    for name in ("ui.py", "stream.py", "describe.py", "versions.py", "history_io.py", "ui_conversation.py"):
+        for m in plain.finditer((ROOT / "chat" / name).read_text()):
+            text = m[1] + (m[2] or "")
+            assert i18n_text.translate(text, "zh-CN") != text, (name, text)
+
+
+def test_a_chinese_page_s_handlers_answer_in_chinese(ctx, tmp_path):
+    from chat import page, ui
+    from tests.test_ui import OWNER, Req, png
+
+    send = page.bind(ui.send, ctx, 6)
+    # A notice, shown in the page's language.
+    out = list(send(None, {"text": "", "files": []}, "general", 0.0, 0.9, 16, "", "auto", request=zh_request()))
+    assert out[-1][-1].endswith("⚠ 请输入问题或附加图片。</div>")
+    # The status line while the answer comes; a photo sent alone is titled by its file name, in Chinese.
+    outs = list(send(None, {"text": "", "files": [png(tmp_path, "猫.png")]}, "general", 0.0, 0.9, 16, "", "auto",
+                     request=zh_request()))
+    statuses = [o[4] for o in outs if isinstance(o[4], str)]
+    assert statuses[0] == "正在回答…", statuses
+    conv_id = outs[0][0]
+    assert ctx.store.get_conversation(OWNER, conv_id)["title"] == "照片：猫.png"
+    # Rename's status; regenerate with nothing to regenerate: a Chinese notice; an English page stays English.
+    rename = page.bind(ui.rename, ctx, 2)
+    assert rename(conv_id, "新标题", request=zh_request())[1] == "已重命名。"
+    assert rename(conv_id, "New", request=Req())[1] == "Renamed."
+    regen = page.bind(ui.regenerate, ctx, 6)
+    assert "还没有可以重新生成的内容。" in list(regen(None, "general", 0.0, 0.9, 16, "", request=zh_request()))[-1][-1]
+    assert "Nothing to regenerate yet." in list(regen(None, "general", 0.0, 0.9, 16, "", request=Req()))[-1][-1]
+    # An edited question on a Chinese page gets the Chinese prompt (chat.versions passes the language).
+    from chat import versions
+
+    sent = []
+    submit = ctx.engine.submit
+    ctx.engine.submit = lambda request, **kw: sent.append(request) or submit(request, **kw)
+    question = next(r for r in ctx.store.messages(OWNER, conv_id) if r["role"] == "user")
+    list(page.bind(versions.edit, ctx, 6)(conv_id, str(question["id"]), "", "general", 0.0, 0.9, 16, "",
+                                          request=zh_request()))
+    assert sent[-1].messages[0]["content"].startswith("你是一个乐于助人的助手")
+    assert sent[-1].messages[-1]["content"][-1]["text"] == "请描述这张图片。"
+
+
+def test_a_chinese_browser_hears_and_reads_chinese(browser, server):
+    from tests.test_a11y_speech import ANNOUNCED
+
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, locale="zh-CN")
+    context.add_init_script(ANNOUNCED)
+    page = context.new_page()
+    try:
+        page.goto(server.base + "/")
+        page.locator("#input textarea").wait_for(timeout=60_000)
+        page.wait_for_function("() => !document.querySelector('#input textarea').disabled", timeout=60_000)
+        # The radio groups' names, the Display group, the history panels' labels.
+        page.wait_for_function("() => document.getElementById('mode').getAttribute('aria-label') === '模式'")
+        assert page.locator("#detail").get_attribute("aria-label") == "图片细节"
+        assert page.locator("#conversation-list").get_attribute("aria-label") == "对话"
+        page.locator("#vl-display").wait_for()
+        assert page.locator("#vl-display").get_attribute("aria-label") == "显示"
+        assert page.locator("label[for=high-contrast]").inner_text() == "高对比度"
+        assert "搜索对话" in page.locator("#search").inner_text()
+        search = page.locator("#search textarea, #search input").first
+        assert search.get_attribute("placeholder") == "标题或消息中的词语"
+        assert "导出或导入" in page.locator("#export-import").inner_text()
+        assert "编辑与版本" in page.locator("#versions").inner_text()
+        # A notice in Chinese.
+        page.locator("#regenerate").click()
+        page.locator("#notice [role=alert]", has_text="还没有可以重新生成的内容。").wait_for(timeout=10_000)
+        page.locator("#dismiss-notice").click()
+        # The status while answering, in Chinese; announce.js knows it is busy, so it says when the answer ends.
+        page.locator("#settings").click()
+        slider = page.locator("#max-new-tokens input[type=number]")
+        slider.fill("1500")
+        slider.press("Enter")
+        page.locator("#input textarea").fill("你好")
+        page.locator("#input textarea").press("Enter")
+        page.wait_for_function("() => document.querySelector('#status').innerText.trim().startsWith('正在回答')",
+                               timeout=30_000)
+        page.wait_for_function("() => window.__announced.includes('正在回答…')", timeout=30_000)
+        page.wait_for_function("() => window.__announced.some(a => a.startsWith('回答完毕'))", timeout=120_000)
+        assert not any("Answering" in a for a in page.evaluate("() => window.__announced"))
+    finally:
+        context.close()
