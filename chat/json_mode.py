@@ -203,6 +203,8 @@ async def validated(request, engine, chat_request: ChatRequest, gen, meta: dict,
     chat_request)` starts the second generation (default: chat.api_run.Generation.start)."""
     fmt: JsonFormat = meta["json_format"]
     done = await gen.result()
+    if done.finish_reason == "cancelled":  # the client went away (or the server is stopping): no second try
+        return Replay(done)
     _, reason = fmt.problem(done.text)
     if reason is not None:
         log.info("JSON mode: the first answer is unusable (%s); generating once more", reason)

@@ -195,3 +195,42 @@ def test_the_panel_starts_at_the_models_defaults(ctx):
     assert sampling_panel.page_defaults(ctx) == (0.8, 20, 1.5, 0.0)
     ctx.engine.sampling_defaults = SamplingDefaults(top_p=0.95, top_k=40, presence_penalty=0.0)
     assert sampling_panel.page_defaults(ctx) == (0.95, 40, 0.0, 0.0)
+
+
+def test_in_the_browser_the_panel_starts_at_the_checkpoints_defaults_and_its_values_are_kept(configured_server,
+                                                                                             browser):
+    import sqlite3
+
+    from tests.test_e2e_browser import open_settings, send, set_setting, wait_idle, wait_ready
+
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    try:
+        page.goto(configured_server.base + "/")
+        wait_ready(page)
+        open_settings(page)
+        value = lambda elem: page.locator(f"#{elem} input[type=number]").input_value()  # noqa: E731
+        page.wait_for_function("() => document.querySelector('#top-k input[type=number]').value === '1'")
+        assert (value("top-p"), value("presence-penalty"), value("frequency-penalty")) == ("1", "1.5", "0")
+        for elem, number in (("top-k", "7"), ("presence-penalty", "0.3"), ("frequency-penalty", "-0.2")):
+            set_setting(page, elem, number)
+        send(page, "Panel values, please")
+        wait_idle(page)
+        db = sqlite3.connect(f"file:{configured_server.data_dir / 'vlchat.db'}?mode=ro", uri=True)
+        try:
+            rows = db.execute("select m.settings from messages m join conversations c on c.id = m.conversation_id "
+                              "where c.title like 'Panel values%'").fetchall()
+        finally:
+            db.close()
+        assert rows and all({k: json.loads(s)[k] for k in sampling_panel.KEYS} == {
+            "top_k": 7, "presence_penalty": 0.3, "frequency_penalty": -0.2} for (s,) in rows)
+        # A fresh page starts at the defaults again; reopening the conversation brings its values back.
+        page.reload()
+        wait_ready(page)
+        open_settings(page)
+        page.wait_for_function("() => document.querySelector('#top-k input[type=number]').value === '1'")
+        page.locator("#conversation-list label", has_text="Panel values").first.click()
+        page.wait_for_function("() => document.querySelector('#top-k input[type=number]').value === '7'")
+        assert (value("presence-penalty"), value("frequency-penalty")) == ("0.3", "-0.2")
+    finally:
+        context.close()
