@@ -325,10 +325,12 @@ def served(tmp_path_factory, model_dir):
 
     plain = Server(data_dir(tmp_path_factory, model_dir, "plain")).start()
     try:
-        answer = sdk(plain.base).chat.completions.create(model="vlchat", messages=QUESTION, temperature=0,
-                                                        max_tokens=48).choices[0].message.content
+        full = sdk(plain.base).chat.completions.create(model="vlchat", messages=QUESTION, temperature=0,
+                                                      max_tokens=48)
     finally:
         plain.stop()
+    assert full.usage.completion_tokens == 48  # the tiny model never stops by itself
+    answer = full.choices[0].message.content
     entry = blockable(answer)
     folder = data_dir(tmp_path_factory, model_dir, "filtered")
     listing = folder / "blocklist.txt"
@@ -372,6 +374,7 @@ def test_api_stream_stops_before_a_blocked_word_with_finish_reason_content_filte
     assert all(Blocklist([entry]).check_input("".join(pieces[:n])) is None for n in range(len(pieces) + 1))
     whole = sdk(server.base).chat.completions.create(model="vlchat", messages=QUESTION, temperature=0, max_tokens=48)
     assert whole.choices[0].finish_reason == "content_filter" and whole.choices[0].message.content == kept
+    assert whole.usage.completion_tokens < 48  # the generation was stopped at the match, not run to the end
     response = sdk(server.base).responses.create(model="vlchat", input="Say something.", temperature=0,
                                                  max_output_tokens=48)
     assert response.status == "incomplete" and response.incomplete_details.reason == "content_filter"
@@ -379,3 +382,25 @@ def test_api_stream_stops_before_a_blocked_word_with_finish_reason_content_filte
     assert server_metric(server.base, 'vlchat_content_filtered_total{where="output"}') == 3
     body = httpx.get(server.base + "/health", timeout=5).json()
     assert body["status"] == "ok"  # it keeps serving
+
+
+def test_the_filter_wraps_the_remote_engine_too_and_closes_the_upstream_stream():
+    from chat.engine.remote import RemoteEngine
+    from tests.fake_upstream import FakeUpstream
+
+    fake = FakeUpstream("alpha").start()
+    inner = RemoteEngine((fake.base,), secret=b"test", load_image=lambda image_id: b"")
+    inner.start()
+    try:
+        engine = FilteredEngine(inner, Blocklist(["forbidden thing", "la la"]))
+        assert engine.ready.wait(10)
+        fake.replies.append("safe words, then the Forbidden thing.")
+        sent, final = collect(engine.submit(request()))
+        assert "".join(sent) == final.text == "safe words, then the " and final.finish_reason == "content_filter"
+        fake.mode = "slow"  # "la " until the client goes away
+        sent, final = collect(engine.submit(request()))
+        assert sent == [] and final.text == "" and final.finish_reason == "content_filter"
+        assert fake.disconnected.wait(10)  # the upstream's stream was closed: it stops generating
+    finally:
+        inner.shutdown()
+        fake.stop()
