@@ -229,7 +229,7 @@
     const kind = noteKind(answer.bot || lastBot());
     let line = t("announce.complete", "Answer complete");
     if (kind === "stopped" || /^Stopped/.test(status)) line = t("announce.stopped", "Stopped.");
-    else if (kind === "error" || kind === "interrupted") line = note.replace(/^⚠\s*/, "");
+    else if (kind === "error" || kind === "interrupted" || kind === "filtered") line = note.replace(/^⚠\s*/, "");
     else if (status) line = `${line}. ${status}`;
     answer = null;
     announce(line); // the end is said even with sentence announcements off
