@@ -46,6 +46,39 @@ def peer_in(host: str | None, networks) -> bool:
     return any(address in net for net in networks)
 
 
+class Sessions(dict):
+    """Gradio's login tokens (token -> user name), each ending when its account is removed or its password changes.
+
+    Installed in place of the mounted Gradio app's `tokens` dict (`Accounts.attach`); Gradio reads a
+    cookie's user with `tokens.get(token)`, so a stale session reads as no session (the login form).
+    """
+
+    def __init__(self, accounts: Accounts) -> None:
+        super().__init__()
+        self.accounts = accounts
+        self.stamps: dict[str, str | None] = {}
+
+    def __setitem__(self, token: str, name: str) -> None:
+        super().__setitem__(token, name)
+        self.stamps[token] = self.accounts.stamp(name)
+
+    def __delitem__(self, token: str) -> None:
+        super().__delitem__(token)
+        self.stamps.pop(token, None)
+
+    def get(self, token, default=None):
+        """The user of `token`, or `default` when there is none or the account changed since the login."""
+        name = super().get(token)
+        if name is None:
+            return default
+        stamp = self.accounts.stamp(name)
+        if stamp is None or stamp != self.stamps.get(token):
+            self.pop(token, None)
+            self.stamps.pop(token, None)
+            return default
+        return name
+
+
 class Accounts:
     """The page's accounts, built once from the settings; `mount_options()` goes to mount_gradio_app."""
 
@@ -95,12 +128,28 @@ class Accounts:
         return value if _PROXY_USER.fullmatch(value) else None
 
     def attach(self, app) -> None:
-        """Find the Gradio app mounted in `app` (a FastAPI app), whose login tokens name a cookie's user."""
+        """Find the Gradio app mounted in `app` (a FastAPI app), whose login tokens name a cookie's user.
+
+        With a users file its tokens become `Sessions`: removing an account or changing its password
+        ends the sessions logged in before.
+        """
         from gradio.routes import App
 
         for route in getattr(app, "routes", ()):
             if isinstance(getattr(route, "app", None), App):
                 self.gradio = route.app
+        if self.gradio is not None and self.file is not None and not isinstance(self.gradio.tokens, Sessions):
+            sessions = Sessions(self)
+            for token, name in self.gradio.tokens.items():
+                sessions[token] = name
+            self.gradio.tokens = sessions
+
+    def stamp(self, name: str) -> str | None:
+        """What a session of `name` depends on: --auth's pair, or the account's password hash; None: no account."""
+        if self.single is not None and name == self.single[0]:
+            return "--auth"
+        user = self.file.users().get(name) if self.file is not None else None
+        return user.hash if user is not None else None
 
     def user_of(self, request) -> str | None:
         """The logged-in user behind a starlette request outside Gradio's own routes (e.g. /admin/usage)."""

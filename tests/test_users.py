@@ -15,7 +15,7 @@ from chat.accounts import parse_networks, peer_in
 from chat.store import Store
 from tests.servers import ROOT, Server, data_dir, running
 
-ALICE_PW, BOB_PW = "alice-correct-horse", "bob-battery-staple"
+ALICE_PW, BOB_PW, ERIN_PW = "alice-correct-horse", "bob-battery-staple", "erin-sees-sessions-end"
 
 
 # -- hashing and the file ----------------------------------------------------------------------------
@@ -127,7 +127,8 @@ def servers(tmp_path_factory, model_dir):
     file_dir = tmp_path_factory.mktemp("users-file")
     users_file = file_dir / "users.txt"
     users.write(users_file, {"alice": users.User("alice", users.hash_password(ALICE_PW), admin=True),
-                             "bob": users.User("bob", users.hash_password(BOB_PW))})
+                             "bob": users.User("bob", users.hash_password(BOB_PW)),
+                             "erin": users.User("erin", users.hash_password(ERIN_PW))})
     group = {
         "file": Server(seeded(tmp_path_factory, model_dir, "accounts-file"), "--users", str(users_file),
                        "--login-failures-per-minute", "3"),
@@ -164,7 +165,7 @@ def test_admin_usage_endpoint_with_the_users_file(servers):
     assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
     report = r.json()
     rows = {row["user"]: row for row in report["users"]}
-    assert set(rows) == {"alice", "bob", "carol"}  # both accounts, and the owner left from before
+    assert set(rows) - {"erin"} == {"alice", "bob", "carol"}  # the accounts, and the owner left from before
     assert rows["alice"]["admin"] and not rows["bob"]["admin"]
     assert (rows["alice"]["conversations"], rows["alice"]["messages"], rows["alice"]["questions"],
             rows["alice"]["answers"], rows["alice"]["tokens_in"], rows["alice"]["tokens_out"]) == (1, 2, 1, 1, 100, 10)
@@ -172,6 +173,23 @@ def test_admin_usage_endpoint_with_the_users_file(servers):
     assert report["anonymous"]["owners"] == 1 and report["anonymous"]["tokens_in"] == 400
     assert report["totals"]["tokens_out"] == 100 and report["totals"]["conversations"] == 4
     assert "secret" not in r.text and "receipts" not in r.text and "holiday" not in r.text  # no one's content
+
+
+def test_a_changed_password_or_a_removed_account_ends_its_sessions(servers):
+    server = servers["file"]
+    path = server.args[server.args.index("--users") + 1]
+    erin = login(server.base, "erin", ERIN_PW)
+    try:
+        assert erin.get("/admin/usage").status_code == 403  # logged in, no admin
+        assert users_cmd(path, "passwd", "erin", password="erin-new-password").returncode == 0
+        assert erin.get("/admin/usage").status_code == 401  # that session ended
+        again = login(server.base, "erin", "erin-new-password")  # the file was re-read: no restart
+        assert again.get("/admin/usage").status_code == 403
+        assert users_cmd(path, "remove", "erin").returncode == 0
+        assert again.get("/admin/usage").status_code == 401
+        again.close()
+    finally:
+        erin.close()
 
 
 def test_the_proxy_header_is_the_user_only_from_a_trusted_proxy(servers):
