@@ -9,8 +9,9 @@ drawn once and survives reloads and restarts; deleting that folder only costs a 
 name cannot be guessed without the image and the answer, like the images' own (named by their
 sha256), and the chat only ever lists the owner's own conversation.
 
-Gradio leaves a chat image's alt text out, so the answer ends with a caption (class `vl-grounding`,
-"Boxes: cat, red car (2)") which assets/grounding.js makes the drawn image's alt text.
+The drawn image is HTML at the end of the answer's own message (a figure, class `answer-note
+vl-grounding`, with alt text "Boxes: cat, red car (2)" and the same words as a visible caption),
+served from the store's images folder like the attached images (app.py's allowed_paths).
 
 "Find" (screenshot mode): what the person names is asked for in the words Qwen3-VL answers with
 its JSON boxes, as a question in the conversation, about its latest image.
@@ -25,6 +26,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import gradio as gr
 from PIL import Image
@@ -85,37 +87,41 @@ def drawn_file(store: Store, sha: str | None, marks: list[grounding.Mark]) -> tu
     return path, mime
 
 
-def caption(marks: list[grounding.Mark]) -> str:
-    """The caption under a drawn image (a note: read-aloud and the announcer leave it out)."""
-    return f'<p class="answer-note vl-grounding">{html.escape(grounding.summary(marks))}</p>'
+def figure_html(path: Path, marks: list[grounding.Mark]) -> str:
+    """The drawn image as HTML inside the answer: a link to it at full size around it, its labels as alt text.
+
+    Part of the answer's own message (not a second chat message), so the page's announcer, Read aloud and
+    Copy see one answer as before; it is a note (class answer-note), which they leave out. The caption says
+    in words what the alt text says, for sighted readers (hidden from screen readers, which read the alt).
+    """
+    words = html.escape(grounding.summary(marks))
+    url = html.escape("gradio_api/file=" + quote(str(path)))  # relative: works under a path prefix too
+    return (f'<figure class="answer-note vl-grounding"><p class="vl-grounding-caption" aria-hidden="true">{words}</p>'
+            f'<a href="{url}" target="_blank" rel="noopener noreferrer">'
+            f'<img src="{url}" alt="{words}" class="vl-grounding-image"></a></figure>')
 
 
-def figure(store: Store, sha: str | None, text: str) -> tuple[str, dict] | None:
-    """(caption HTML, Chatbot file part) for an answer with boxes or points about image `sha`; None without."""
+def figure(store: Store, sha: str | None, text: str) -> str | None:
+    """The figure HTML for an answer with boxes or points about image `sha`; None without."""
     marks = grounding.parse(text)
     drawn = drawn_file(store, sha, marks)
-    if drawn is None:
-        return None
-    path, mime = drawn
-    return caption(marks), {"type": "file", "file": {"path": str(path), "mime_type": mime},
-                            "alt_text": grounding.summary(marks)}
+    return None if drawn is None else figure_html(drawn[0], marks)
 
 
 def with_figure(content, store: Store, sha: str | None, text: str, status: str):
-    """An answer's Chatbot content with its drawn image after it (when it has boxes and has finished)."""
+    """An answer's Chatbot content with its drawn image at its end (when it has boxes and has finished)."""
     if status not in SHOWN_STATUSES:
         return content
     found = figure(store, sha, text)
     if found is None:
         return content
-    note, part = found
     parts = list(content) if isinstance(content, list) else [content]
     last = max((i for i, p in enumerate(parts) if isinstance(p, dict) and p.get("type") == "text"), default=None)
     if last is None:
-        parts.append({"type": "text", "text": note})
+        parts.append({"type": "text", "text": found})
     else:
-        parts[last] = {**parts[last], "text": f'{parts[last]["text"]}\n{note}'}
-    return [*parts, part]
+        parts[last] = {**parts[last], "text": f'{parts[last]["text"]}\n{found}'}
+    return parts if isinstance(content, list) else parts[0]
 
 
 def for_conversation(store: Store, owner: str, conv_id: str | None, content, text: str, status: str):

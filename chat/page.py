@@ -102,7 +102,6 @@ def mount_options(ctx: Ctx) -> dict:
     # i18n.js (issue 13, ux; first): vlchat.t(key) and the language choice. theme.js: light/dark/system.
     # ux.js/.css: send turns into Stop, Delete asks first.
     scripts = ("i18n.js", "page.js", "announce.js", "a11y.js", "prefs.js", "camera.js", "keys.js", "theme.js", "ux.js")
-    scripts += ("grounding.js",)  # issue 14 (grounding): a drawn image's alt text lists its boxes
     return {"head": "".join(f"<script>{(ASSETS / name).read_text()}</script>" for name in scripts),
             "css": "\n".join((ASSETS / name).read_text() for name in ("page.css", "a11y.css", "ux.css")),
             "i18n": I18N}  # issue 13 (ux): English and Simplified Chinese labels (chat/i18n.py)

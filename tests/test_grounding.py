@@ -7,10 +7,13 @@ model server (`--engine-url`, tests/fake_upstream.py) whose answer holds them: "
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
+import re
 import time
 from pathlib import Path
+from urllib.parse import unquote
 
 import httpx
 import openai
@@ -139,31 +142,38 @@ def conversation(store: Store, *answers: tuple[str, str], sizes=((400, 200),)) -
     return conv, shas
 
 
+def drawn_path(message: dict) -> Path:
+    """The file of the drawn image in an answer's HTML (its src: Gradio's file route)."""
+    found = re.search(r'<img src="gradio_api/file=([^"]+)"', message["content"]["text"])
+    assert found, message["content"]["text"]
+    return Path(unquote(html.unescape(found.group(1))))
+
+
 def test_an_answer_with_boxes_shows_the_drawn_image_under_it_with_the_labels(store):
     conv, [sha] = conversation(store, (ANSWER, "complete"))
     [_, answer] = chat_history(store, store.messages("me", conv))
-    text, figure = answer["content"]
-    assert '<p class="answer-note vl-grounding">Boxes: cat, red car (2)</p>' in text["text"]
-    assert figure["type"] == "file" and figure["alt_text"] == "Boxes: cat, red car (2)"
-    path = Path(figure["file"]["path"])
-    assert path.is_relative_to(store.images_dir)  # served like the images themselves
+    text = answer["content"]["text"]  # one message: the answer, then its figure
+    assert text.index("The cat sits in front.") < text.index('<figure class="answer-note vl-grounding">')
+    assert 'alt="Boxes: cat, red car (2)"' in text and ">Boxes: cat, red car (2)</p>" in text
+    path = drawn_path(answer)
+    assert path.is_relative_to(store.images_dir)  # served like the images themselves (app.py's allowed_paths)
     with Image.open(path) as drawn:
         assert drawn.size == (400, 200)
         assert drawn.getpixel((100, 140)) == grounding.PALETTE[0] and drawn.getpixel((200, 140)) == BACKGROUND
     # Drawn once: the next time the chat is drawn (a reload) the same file is shown, not drawn again.
     stamp = path.stat().st_mtime_ns
     again = chat_history(store, store.messages("me", conv))
-    assert again[1]["content"][1]["file"]["path"] == str(path) and path.stat().st_mtime_ns == stamp
+    assert drawn_path(again[1]) == path and path.stat().st_mtime_ns == stamp
 
 
 def test_no_figure_without_boxes_while_pending_or_without_an_image(store):
     conv, _ = conversation(store, ("A cat on a mat.", "complete"), (ANSWER, "pending"))
     history = chat_history(store, store.messages("me", conv))
-    assert all(isinstance(m["content"], dict) for m in history if m["role"] == "assistant")
+    assert not any("vl-grounding" in m["content"]["text"] for m in history if m["role"] == "assistant")
     plain = store.create_conversation("me")
     store.add_message("me", plain, role="user", text="Where is it?")
     store.add_message("me", plain, role="assistant", text=ANSWER, status="complete")
-    assert isinstance(chat_history(store, store.messages("me", plain))[1]["content"], dict)
+    assert "vl-grounding" not in chat_history(store, store.messages("me", plain))[1]["content"]["text"]
 
 
 def test_boxes_are_drawn_on_the_latest_image_before_the_answer(store):
@@ -172,7 +182,7 @@ def test_boxes_are_drawn_on_the_latest_image_before_the_answer(store):
     sizes = []
     for message in history:
         if message["role"] == "assistant":
-            with Image.open(message["content"][-1]["file"]["path"]) as drawn:
+            with Image.open(drawn_path(message)) as drawn:
                 sizes.append(drawn.size)
     assert sizes == [(400, 200), (120, 90)]
     assert latest_image(store.messages("me", conv)) == shas[1]
