@@ -17,8 +17,8 @@ left and the time until the bucket is full again, of the most depleted bucket.
 
 Memory stays bounded: a subject whose buckets are all full again is the same as a new one, so
 such idle subjects are dropped in a sweep (at most once per `sweep_seconds`); beyond `max_subjects`
-the least recently seen subject is forgotten. Thread-safe (one lock; each call is a few float
-operations); the clock is injectable for tests.
+the least recently seen subject is forgotten (and so forgiven: the price of a hard memory bound).
+Thread-safe (one lock; each call is a few float operations); the clock is injectable for tests.
 
 Why not the `limits` package: it counts hits in windows and cannot charge a cost after the fact
 (an answer's tokens are known only when it ends), which token limits need.
@@ -147,8 +147,12 @@ class RateLimiter:
                    for i, rate in enumerate(rates))
 
     def _sweep(self, now: float) -> None:
-        """Drop idle subjects (all buckets full again); past max_subjects, the least recently seen."""
-        if now - self._swept >= self.sweep_seconds or len(self._entries) >= self.max_subjects:
+        """Drop idle subjects (all buckets full again); past max_subjects, the least recently seen.
+
+        The full sweep runs at most once per sweep_seconds, so a flood of new subjects (fresh cookies,
+        many addresses) costs one dictionary operation each, not a walk over every subject.
+        """
+        if now - self._swept >= self.sweep_seconds:
             self._swept = now
             for subject in [s for s, e in self._entries.items() if self._full(e, now)]:
                 del self._entries[subject]
