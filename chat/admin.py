@@ -16,6 +16,8 @@ from __future__ import annotations
 import gradio as gr
 
 from chat.conversation import md_escape
+from chat.i18n import label as L
+from chat.i18n import lang_of
 
 _FIELDS = ("conversations", "messages", "questions", "answers", "tokens_in", "tokens_out")
 
@@ -90,24 +92,31 @@ def add_route(app, ctx, accounts) -> None:
 
 # -- the page's panel -----------------------------------------------------------------------------------------
 
-_HEAD = ("User", "Conversations", "Messages", "Tokens in", "Tokens out", "Last active")
+# The panel's words (the page's languages, chat.i18n.LANGS); times are UTC.
+WORDS = {
+    "en": {"head": ("User", "Conversations", "Messages", "Tokens in", "Tokens out", "Last active (UTC)"),
+           "admin": "admin", "browsers": "Browsers without an account", "total": "Total", "never": "never"},
+    "zh-CN": {"head": ("用户", "对话", "消息", "输入 token", "输出 token", "最近活动（UTC）"),
+              "admin": "管理员", "browsers": "未登录的浏览器", "total": "合计", "never": "从未"},
+}
 
 
-def _line(name: str, row: dict) -> str:
+def _line(name: str, row: dict, never: str) -> str:
     cells = [name, f"{row['conversations']:,}", f"{row['messages']:,}", f"{row['tokens_in']:,}",
-             f"{row['tokens_out']:,}", (row["last_active"] or "never")[:16].replace("T", " ")]
+             f"{row['tokens_out']:,}", (row["last_active"] or never)[:16].replace("T", " ")]
     return "| " + " | ".join(cells) + " |"
 
 
-def usage_markdown(report: dict) -> str:
+def usage_markdown(report: dict, lang: str = "en") -> str:
     """The report as a Markdown table (names escaped), one line per user, then anonymous and the total."""
-    lines = ["| " + " | ".join(_HEAD) + " |", "|" + " --- |" * len(_HEAD)]
+    w = WORDS.get(lang, WORDS["en"])
+    lines = ["| " + " | ".join(w["head"]) + " |", "|" + " --- |" * len(w["head"])]
     for row in report["users"]:
-        lines.append(_line(md_escape(row["user"]) + (" (admin)" if row["admin"] else ""), row))
+        lines.append(_line(md_escape(row["user"]) + (f" ({w['admin']})" if row["admin"] else ""), row, w["never"]))
     anonymous = report["anonymous"]
     if anonymous["owners"]:
-        lines.append(_line(f"Browsers without an account ({anonymous['owners']:,})", anonymous))
-    lines.append(_line("**Total**", report["totals"]))
+        lines.append(_line(f"{w['browsers']} ({anonymous['owners']:,})", anonymous, w["never"]))
+    lines.append(_line(f"**{w['total']}**", report["totals"], w["never"]))
     return "\n".join(lines)
 
 
@@ -116,7 +125,7 @@ def panel_update(ctx, accounts, request: gr.Request | None):
     user = getattr(request, "username", None) if request is not None else None
     if not accounts.is_admin(user):
         return gr.update(visible=False), ""
-    return gr.update(visible=True), usage_markdown(usage_report(ctx.store, accounts))
+    return gr.update(visible=True), usage_markdown(usage_report(ctx.store, accounts), lang_of(request))
 
 
 def panel(ctx, demo: gr.Blocks, private: dict) -> None:
@@ -127,9 +136,9 @@ def panel(ctx, demo: gr.Blocks, private: dict) -> None:
     accounts = getattr(ctx, "accounts", None)
     if accounts is None or not accounts.enabled:
         return
-    with gr.Accordion("Usage per user", open=False, visible=False, elem_id="admin-usage") as box:
+    with gr.Accordion(L("admin.usage"), open=False, visible=False, elem_id="admin-usage") as box:
         table = gr.Markdown("", elem_id="admin-usage-table", sanitize_html=True)
-        refresh = gr.Button("Refresh", size="sm", elem_id="admin-usage-refresh")
+        refresh = gr.Button(L("admin.refresh"), size="sm", elem_id="admin-usage-refresh")
 
     def update(request: gr.Request):
         return panel_update(ctx, accounts, request)

@@ -39,6 +39,8 @@ PAGE = {
         "describe_photo": "Describe a photo",
         "find.label": "Find on the image",  # issue 14 (grounding): screenshot mode
         "find.button": "Find",
+        "admin.usage": "Usage per user",  # issue 14 (accounts): admins only
+        "admin.refresh": "Refresh",
         "image_detail": "Image detail",
         "detail.low": "Low",
         "detail.auto": "Auto",
@@ -89,6 +91,8 @@ PAGE = {
         "describe_photo": "描述照片",
         "find.label": "在图片上查找",  # issue 14 (grounding)
         "find.button": "查找",
+        "admin.usage": "各用户用量",  # issue 14 (accounts)
+        "admin.refresh": "刷新",
         "image_detail": "图片细节",
         "detail.low": "低",
         "detail.auto": "自动",
