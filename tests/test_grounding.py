@@ -27,6 +27,7 @@ from chat.render import chat_history
 from chat.store import Store
 from tests.fake_upstream import FakeUpstream
 from tests.servers import Server, data_dir
+from tests.test_a11y_speech import ANNOUNCED
 
 BOXES = [{"bbox_2d": [250, 500, 750, 900], "label": "cat"}, {"bbox_2d": [10, 10, 200, 200], "label": "red car"},
          {"bbox_2d": [600, 10, 900, 200], "label": "red car"}]
@@ -262,7 +263,9 @@ def drawn_images(page):
 def test_page_draws_the_boxes_finds_in_screenshot_mode_and_keeps_them_after_a_reload(front, browser, tmp_path):
     shot = tmp_path / "screen.png"
     shot.write_bytes(png(400, 200))
-    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.add_init_script(ANNOUNCED)  # what the page's live region says
+    page = context.new_page()
     page.goto(front.base + "/")
     page.locator("#input textarea:not([disabled])").wait_for(timeout=60_000)
     assert not page.locator("#find").is_visible()  # general chat: no Find
@@ -282,6 +285,9 @@ def test_page_draws_the_boxes_finds_in_screenshot_mode_and_keeps_them_after_a_re
     drawn_images(page).first.wait_for(timeout=20_000)  # under the answer, once it is finished
     assert page.locator("#chat .bot-row .vl-grounding").first.inner_text() == "Boxes: cat, red car (2)"
     assert drawn_images(page).first.evaluate("img => img.complete && img.naturalWidth") == 400
+    # The figure is part of the answer: the announcer still says it is complete, and not the caption.
+    page.wait_for_function("() => window.__announced.some(a => a.startsWith('Answer complete'))", timeout=10_000)
+    assert not any("Boxes:" in line for line in page.evaluate("() => window.__announced"))
 
     # Find: the question in Qwen's grounding words, answered and drawn like any answer.
     find.fill("the cat")
@@ -299,4 +305,4 @@ def test_page_draws_the_boxes_finds_in_screenshot_mode_and_keeps_them_after_a_re
     page.wait_for_function("() => document.querySelectorAll(\"#chat .bot-row img[alt^='Boxes:']\").length >= 2",
                            timeout=20_000)
     assert drawn_images(page).count() == 2
-    page.context.close()
+    context.close()
