@@ -94,6 +94,34 @@ def test_penalties_are_per_row_in_one_batch():
     assert sample(logits.clone(), params, [[0, 0], [0, 0], [0, 2]], [None] * 3) == [1, 0, 0]
 
 
+def test_counts_kept_between_steps_equal_counts_from_scratch():
+    import random
+
+    from chat.engine.local.sampling import _penalize
+
+    rng = random.Random(3)
+    vocab = 11
+    answers = [[], [1, 1], [4]]  # the engine appends to the same lists step after step
+    params = [GenParams(presence_penalty=0.5, frequency_penalty=0.25), GenParams(frequency_penalty=-0.5),
+              GenParams(presence_penalty=1.5)]
+    for step in range(12):
+        if step == 6:
+            del answers[1][:]  # an answer that shrank (never in the engine): counted again from scratch
+        if step == 8:
+            answers[2] = [4, 4, 9]  # a new list for a row: its own counts
+        with torch.inference_mode():
+            logits = torch.randn(3, vocab)
+            got = logits.clone()
+            _penalize(got, params, answers)
+        for row, (p, tokens) in enumerate(zip(params, answers, strict=True)):
+            expected = logits[row].clone()
+            for token in set(tokens):
+                expected[token] -= p.presence_penalty + p.frequency_penalty * tokens.count(token)
+            assert torch.allclose(got[row], expected), (step, row)
+        for tokens in answers:
+            tokens.append(rng.randrange(vocab))
+
+
 def test_the_remote_engine_passes_the_values_on():
     params = Settings().clamp_params(0.5, None, 8, top_k=7, presence_penalty=0.5, frequency_penalty=-0.5)
     body = request_body(ChatRequest([{"role": "user", "content": "hi"}], params), "m", "salt", lambda i: b"")

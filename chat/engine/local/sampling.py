@@ -10,6 +10,8 @@ draws its noise from its own generator, so its answer depends on its seed alone.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 
@@ -21,25 +23,56 @@ def _noise(probs: torch.Tensor, generators: list[torch.Generator | None]) -> tor
     return noise
 
 
+class _Counted:
+    """How often each token occurs in one answer (a row of counts on the device), and how much of it is counted."""
+
+    __slots__ = ("tokens", "seen", "counts")
+
+    def __init__(self, tokens: list[int], counts: torch.Tensor) -> None:
+        self.tokens, self.seen, self.counts = tokens, 0, counts
+
+
+# Per engine thread (the one thread that samples for an engine): answer list id -> its counts. An entry holds its
+# list, so the id cannot be reused while it is kept; entries of answers not sampled in a call are dropped (one
+# that comes back, e.g. after a preemption, is counted again from scratch).
+_counted = threading.local()
+
+
+def _counts(rows: list[int], generated: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """(len(rows), vocab) token counts of the rows' answers, kept between steps: each step adds only the tokens
+    sampled since the last one (one small copy to the device and one scatter for the whole batch)."""
+    kept: dict = getattr(_counted, "entries", {})
+    entries, which, ids = [], [], []
+    for j, i in enumerate(rows):
+        tokens = generated[i]
+        entry = kept.get(id(tokens))
+        if (entry is None or entry.tokens is not tokens or entry.seen > len(tokens)
+                or entry.counts.device != device or entry.counts.shape[0] != vocab):
+            entry = _Counted(tokens, torch.zeros(vocab, device=device))
+        new = tokens[entry.seen:]
+        which.extend([j] * len(new))
+        ids.extend(new)
+        entry.seen = len(tokens)
+        entries.append(entry)
+    counts = torch.stack([e.counts for e in entries])
+    if ids:
+        where = torch.tensor([which, ids], device=device)
+        counts.index_put_((where[0], where[1]), torch.ones(len(ids), device=device), accumulate=True)
+    for j, entry in enumerate(entries):
+        entry.counts = counts[j]
+    _counted.entries = {id(e.tokens): e for e in entries}
+    return counts
+
+
 def _penalize(logits: torch.Tensor, params: list, generated: list[list[int]]) -> None:
     """Presence and frequency penalties of every row at once, in place: each token the answer holds loses
-    presence_penalty once plus frequency_penalty times how often it occurs (OpenAI's and vLLM's definition).
-
-    The penalized rows' answers travel to the device as one flat list; their counts come from one scatter.
-    """
+    presence_penalty once plus frequency_penalty times how often it occurs (OpenAI's and vLLM's definition)."""
     rows = [i for i, p in enumerate(params) if generated[i] and (
         getattr(p, "presence_penalty", 0.0) or getattr(p, "frequency_penalty", 0.0))]
     if not rows:
         return
     device = logits.device
-    flat: list[int] = []
-    for i in rows:
-        flat.extend(generated[i])
-    ids = torch.tensor(flat, device=device)
-    which = torch.repeat_interleave(torch.arange(len(rows), device=device),
-                                    torch.tensor([len(generated[i]) for i in rows], device=device))
-    counts = torch.zeros((len(rows), logits.shape[1]), device=device)
-    counts.index_put_((which, ids), torch.ones_like(ids, dtype=counts.dtype), accumulate=True)
+    counts = _counts(rows, generated, logits.shape[1], device)
     pen = torch.tensor([[getattr(params[i], "presence_penalty", 0.0), getattr(params[i], "frequency_penalty", 0.0)]
                         for i in rows], device=device)
     index = torch.tensor(rows, device=device)
