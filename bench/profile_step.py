@@ -72,10 +72,10 @@ def replay_ms(graphs: DecodeGraphs, b: int, ctx: int, n: int = 30) -> float:
     graphs.tables[:b, :blocks] = ids % (graphs.kv.k.shape[1] - 1) + 1
     graphs.slots[:b].zero_()
     for _ in range(3):
-        graphs.graphs[b].replay()
+        graphs.graphs[(b, False)].replay()
     t = sync_time()
     for _ in range(n):
-        graphs.graphs[b].replay()
+        graphs.graphs[(b, False)].replay()
     ms = (sync_time() - t) / n * 1e3
     graphs._reset(0)
     return ms

@@ -61,7 +61,7 @@ def test_max_gpu_memory_needs_a_gpu_and_says_so():
     with pytest.raises(ModelLoadError, match="--max-gpu-memory"):
         placement(torch.device("cpu"), "10GiB")
     assert placement(torch.device("cuda", 0), "10GiB") == {"device_map": "auto",
-                                                           "max_memory": {0: "10GiB", "cpu": "1TiB"}}
+                                                           "max_memory": {0: "10GiB", "cpu": "1024GiB"}}
 
 
 def test_settings_check_the_values():

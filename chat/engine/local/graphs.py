@@ -82,7 +82,7 @@ class DecodeGraphs:
         and never fewer than 8 (measured on an H200: 32 at batch 1, 9 at 8, 8 from 32 up were best)."""
         return max(8, min(32, math.ceil(4 * self.sms / (batch * self.step.n_kv))))
 
-    def _decode(self, b: int) -> None:
+    def _decode(self, b: int, lora: bool = False) -> None:
         splits = self.splits(b)
 
         def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
@@ -90,7 +90,8 @@ class DecodeGraphs:
                                         splits, workspace=self.workspace, scale=self.scale)
 
         pos = self.pos[:b].view(1, b).expand(3, b)
-        h = self.step.hidden(self.ids[:b], pos, self.slots[:b], attend, adapter_rows=self.adapters[:b])
+        rows = self.adapters[:b] if lora else None
+        h = self.step.hidden(self.ids[:b], pos, self.slots[:b], attend, adapter_rows=rows)
         self.logits[:b].copy_(self.step.lm_head(h).float())
 
     @torch.inference_mode()
@@ -101,18 +102,23 @@ class DecodeGraphs:
             return
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
+        # With LoRA adapters loaded, a second set whose steps add them: a batch with no row on an adapter
+        # replays the first set, at the base model's speed.
+        kinds = (False, True) if self.step.lora is not None else (False,)
         with torch.cuda.stream(stream):
             for b in self.sizes:
-                for _ in range(2):  # compile kernels and fill workspaces outside the graph
-                    self._decode(b)
+                for lora in kinds:
+                    for _ in range(2):  # compile kernels and fill workspaces outside the graph
+                        self._decode(b, lora)
         torch.cuda.current_stream().wait_stream(stream)
         for b in reversed(self.sizes):  # largest first, so the smaller ones fit in its memory pool
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                self._decode(b)
-            if self._pool is None:
-                self._pool = graph.pool()
-            self.graphs[b] = graph
+            for lora in kinds:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool):
+                    self._decode(b, lora)
+                if self._pool is None:
+                    self._pool = graph.pool()
+                self.graphs[(b, lora)] = graph
         torch.cuda.synchronize()
 
     def _reset(self, start: int) -> None:
@@ -145,8 +151,9 @@ class DecodeGraphs:
             table[i, : len(seq.blocks)] = seq.blocks
         self.meta[:, :b].copy_(torch.from_numpy(meta), non_blocking=True)
         self.tables[:b, :width].copy_(torch.from_numpy(table), non_blocking=True)
+        lora = bool(meta[4].any())
         if self.eager:
-            self._decode(b)
+            self._decode(b, lora)
         else:
-            self.graphs[b].replay()
+            self.graphs[(b, lora)].replay()
         return self.logits[:n]

@@ -292,7 +292,7 @@ def placement(dev: torch.device, max_gpu_memory: str = "", max_memory: dict | No
         if dev.type != "cuda":
             raise ModelLoadError("--max-gpu-memory (VLCHAT_MAX_GPU_MEMORY) limits what the weights take on the GPU, "
                                  "but the model runs on the CPU here; leave it empty or use --device cuda.")
-        max_memory = {dev.index or 0: max_gpu_memory.replace(" ", ""), "cpu": "1TiB"}
+        max_memory = {dev.index or 0: max_gpu_memory.replace(" ", ""), "cpu": "1024GiB"}
     if max_memory:
         return {"device_map": "auto", "max_memory": max_memory}
     return {"device_map": {"": str(dev)} if dev.type == "cuda" else None}

@@ -130,13 +130,12 @@ class ModelStep:
 
         `attend(layer, q)` maps (T, heads, dim) queries to outputs, reading the pool after this
         layer's keys and values were written. Free of host syncs, so a decode step can be captured.
-        `adapter_rows` (T,): each row's LoRA adapter (0: the base model), when adapters are loaded.
+        `adapter_rows` (T,): each row's LoRA adapter (0: the base model), when a row uses one.
         """
         t, ops, eps = ids.shape[0], self.ops, self.eps
-        lora = self.lora
+        # No row on an adapter (None): the step is exactly the base model's, at its full speed.
+        lora = self.lora if adapter_rows is not None else None
         if lora is not None:
-            if adapter_rows is None:
-                adapter_rows = torch.zeros(t, dtype=torch.long, device=ids.device)
             masks = lora.masks(adapter_rows)
         h = self.embed(ids)
         if visual_rows is not None:
