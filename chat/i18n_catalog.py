@@ -76,7 +76,20 @@ ZH_CN: dict[str, str] = {
     "This conversation needs more KV memory than the server has; start a new chat or ask for a shorter answer.":
         "这个对话需要的 KV 内存超过了服务器所有；请开始新对话或要求更短的回答。",
     "The model failed while answering; the error is in the server log.": "模型在回答时出错；错误记录在服务器日志中。",
-    # -- images (chat/uploads.py) --
+    # -- images (chat/uploads.py; the preview under the box: chat/conversation.py attachment_preview) --
+    "- **{name}**: {w}×{h} → model sees {mw}×{mh}, {n} tokens":
+        "- **{name}**：{w}×{h} → 模型看到 {mw}×{mh}，{n} 个 token",
+    "- **{name}**: {w}×{h} → model sees {mw}×{mh}, {n} tokens (scaled down)":
+        "- **{name}**：{w}×{h} → 模型看到 {mw}×{mh}，{n} 个 token（已缩小）",
+    "Images: {n} tokens.": "图片：{n} 个 token。",
+    "Conversation so far: about {used}; room for the answer ({answer}) included, about {left} of {limit} tokens are "
+    "left.": "目前的对话：约 {used} 个；算上回答的空间（{answer}），{limit} 个 token 中约剩 {left} 个。",
+    "**This is about {over} tokens over the limit**: choose a lower detail, remove an image, ask for a shorter answer "
+    "or start a new chat.": "**约超出上限 {over} 个 token**：请选择较低的细节、移除图片、要求更短的回答或开始新对话。",
+    "Scaled-down images lose small text; choose High detail for documents and screenshots.":
+        "缩小的图片会丢失小字；文档和截图请选择“高”细节。",
+    "Sent as it is, the oldest turns are left out to make room (the answer says so).":
+        "照样发送时，最早的几轮会被略去以腾出空间（回答下方会注明）。",
     "{name} could not be read; attach it again.": "无法读取 {name}；请重新附加。",
     "{n} images attached; a message may carry {limit}.": "附加了 {n} 张图片；一条消息最多 {limit} 张。",
     "{name}: the file is {size} MB; the limit is {limit} MB.": "{name}：文件大小为 {size} MB；上限是 {limit} MB。",
@@ -95,6 +108,9 @@ ZH_CN: dict[str, str] = {
         "编辑后的问题是空的；请输入内容，或选择“上一版本”返回。",
     "Open a conversation first; there is nothing to delete.": "请先打开一个对话；没有可删除的内容。",
     "Nothing to edit yet: send a message first.": "还没有可编辑的内容：请先发送一条消息。",
+    "Question {n}": "问题 {n}",  # the versions panel's message names ("Question 2: what is…")
+    "Answer {n}": "回答 {n}",
+    ": ": "：",
     "Question {n}: version {k} of {m}.": "问题 {n}：第 {k} 版，共 {m} 版。",
     "Answer {n}: version {k} of {m}.": "回答 {n}：第 {k} 版，共 {m} 版。",
     "Edit it below to ask it another way; the answers so far stay as versions.":

