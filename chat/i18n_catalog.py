@@ -128,6 +128,17 @@ ZH_CN: dict[str, str] = {
     "Imported “{title}” ({n} messages shown).": "已导入“{title}”（显示 {n} 条消息）。",
     # -- describe conversations' titles (chat/versions.py / chat/describe.py) --
     "Photo: {name}": "照片：{name}",
+    # -- other issue 14 features' page sentences (rate limits, content filter, grounding) --
+    "The message contains a word or phrase this server's content filter blocks, so it was not sent.":
+        "消息中含有本服务器内容过滤器屏蔽的词语，因此没有发送。",
+    "The content filter failed, so nothing was sent; try again later.":
+        "内容过滤器出错，因此没有发送任何内容；请稍后再试。",
+    "The content filter failed, so the answer was stopped; the details are in the server log.":
+        "内容过滤器出错，因此回答已停止；详情记录在服务器日志中。",
+    "Type what to find on the image, for example: the Save button.": "请输入要在图片上查找的内容，例如：保存按钮。",
+    "Name what to find in at most {n} characters.": "要查找的内容最多 {n} 个字符。",
+    "Find looks at the latest image in the conversation: send a screenshot first (attach it and press Enter), then "
+    "name what to find.": "查找针对对话中最新的图片：请先发送一张截图（附加后按 Enter），再说明要查找什么。",
     # -- issue 14: over-long conversations (chat/trim.py) --
     "Earlier messages (1 turn) were left out to fit the model's context.":
         "为了放进模型的上下文，较早的消息（1 轮）未发送给模型。",
@@ -135,5 +146,11 @@ ZH_CN: dict[str, str] = {
         "为了放进模型的上下文，较早的消息（{n} 轮）未发送给模型。",
     "The most recent image, with its question and answer, was kept.": "最近的一张图片及其问答已保留。",
 }
+
+# Rate limits (chat/ratelimit_gate.py page_message): each reason with each unit of the wait.
+for _what, _zh in (("Too many messages", "消息太多"), ("Too much text asked and answered", "提问和回答的文字太多")):
+    for _unit, _zh_unit in (("second", "秒"), ("seconds", "秒"), ("minutes", "分钟"), ("hours", "小时")):
+        ZH_CN[f"{_what}; try again in {{n}} {_unit}. Your message is still in the box."] = \
+            f"{_zh}；请 {{n}} {_zh_unit}后再试。你的消息还在输入框里。"
 
 CATALOG: dict[str, dict[str, str]] = {"zh-CN": ZH_CN}
