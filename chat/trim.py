@@ -168,7 +168,7 @@ def submit(engine, request: ChatRequest, on_finish, enabled: bool = True) -> tup
 
 def note_text(usage: dict | None) -> str:
     """The sentence an answer made from a shortened conversation carries ("" for any other answer)."""
-    from chat.i18n_text import say  # the page's language
+    from chat.i18n_text import current, say  # the page's language
 
     turns = int((usage or {}).get("left_out_turns") or 0)
     if turns < 1:
@@ -176,7 +176,8 @@ def note_text(usage: dict | None) -> str:
     text = (say("Earlier messages (1 turn) were left out to fit the model's context.") if turns == 1 else
             say("Earlier messages ({n} turns) were left out to fit the model's context.", n=turns))
     if (usage or {}).get("kept_image_turn"):
-        text = f"{text} {say('The most recent image, with its question and answer, was kept.')}"
+        space = "" if current().startswith("zh") else " "
+        text = f"{text}{space}{say('The most recent image, with its question and answer, was kept.')}"
     return text
 
 

@@ -158,3 +158,13 @@ def test_the_rules_system_prompt_newest_image_and_latest_turns():
     # Nothing fits but the system prompt and the last turn... and not even that: None (refused as before).
     assert trim.shortened(five, size, 25) is None
     assert trim.shortened(req(("only", False)), size, 15) is None
+    # The note, in the page's language.
+    from chat.i18n_text import speaking
+
+    usage = {"left_out_turns": 3, "kept_image_turn": True}
+    assert trim.note_text(usage) == ("Earlier messages (3 turns) were left out to fit the model's context. The most "
+                                     "recent image, with its question and answer, was kept.")
+    with speaking("zh-CN"):
+        assert trim.note_text(usage) == ("为了放进模型的上下文，较早的消息（3 轮）未发送给模型。"
+                                         "最近的一张图片及其问答已保留。")
+    assert trim.note_text({"prompt_tokens": 10}) == ""
