@@ -13,7 +13,8 @@ How it works:
 - `stream: true`: the answer is held back until it has been validated, then sent as one content chunk
   (then the finish chunk, usage when asked, [DONE]); a failure is the same 422 before any chunk.
 
-The usage reported is both generations' together. The answer's content is the clean JSON text.
+The usage reported is both generations' together. The answer's content is the clean JSON text. When tools
+were offered and the model calls one, the call is the answer (it is not checked as JSON).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from jsonschema.exceptions import SchemaError
 
 from chat.engine.types import ChatRequest, Delta, Done, Usage
 from chat.openai_parse import ApiError, bad
+from chat.tools import content_and_calls
 
 log = logging.getLogger("vlchat.api")
 
@@ -204,6 +206,8 @@ async def validated(request, engine, chat_request: ChatRequest, gen, meta: dict,
     fmt: JsonFormat = meta["json_format"]
     done = await gen.result()
     if done.finish_reason == "cancelled":  # the client went away (or the server is stopping): no second try
+        return Replay(done)
+    if meta.get("tools") and content_and_calls(done.text)[1]:  # a tool call is an answer too (as OpenAI's)
         return Replay(done)
     _, reason = fmt.problem(done.text)
     if reason is not None:

@@ -78,7 +78,7 @@ class FakeGeneration:
         return self.done
 
 
-def run_validated(first: str, second: str | None):
+def run_validated(first: str, second: str | None, **meta):
     started = []
 
     async def start(request, engine, chat_request):
@@ -86,7 +86,7 @@ def run_validated(first: str, second: str | None):
         return FakeGeneration(second)
 
     request = ChatRequest(list(MSGS), GenParams(temperature=0.9, seed=4))
-    meta = {"json_format": fmt_of(JSON_SCHEMA)}
+    meta = {"json_format": fmt_of(JSON_SCHEMA), **meta}
     replay = asyncio.run(json_mode.validated(None, None, request, FakeGeneration(first), meta, start=start))
     return replay, started
 
@@ -106,6 +106,14 @@ def test_an_invalid_answer_is_generated_once_more_with_what_was_wrong():
     assert "points" in retry.messages[-1]["content"] and retry.messages[-1]["role"] == "user"
     assert json.loads(replay.done.text)["points"] == ["holds tea"]
     assert replay.done.usage.completion_tokens == 10  # both generations counted
+
+
+def test_a_tool_call_is_an_answer_when_tools_were_offered():
+    call = '<tool_call>\n{"name": "lookup", "arguments": {"sku": "A1"}}\n</tool_call>'
+    replay, started = run_validated(call, None, tools=True)
+    assert started == [] and replay.done.text == call
+    _, started = run_validated(call, '{"title": "Mug", "points": ["a"]}')  # no tools offered: checked as JSON
+    assert len(started) == 1
 
 
 def test_two_invalid_answers_are_a_clear_error():
