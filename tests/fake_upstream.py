@@ -29,6 +29,7 @@ class FakeUpstream:
         self.mode: str | int = "ok"
         self.replies: list[str] = []  # answers given in order (in "ok" mode) before the default one (issue 14)
         self.error_body: dict = {}
+        self.adapters: list[str] = []  # LoRA adapters it lists after its model, as vLLM lists --lora-modules
         self.disconnects = 0
         self.disconnected = threading.Event()
         self._server: ThreadingHTTPServer | None = None
@@ -45,7 +46,8 @@ class FakeUpstream:
                 if self.path != "/v1/models":
                     self.send_error(404)
                     return
-                self._json(200, {"object": "list", "data": [{"id": fake.model, "object": "model"}]})
+                self._json(200, {"object": "list", "data": [{"id": name, "object": "model"}
+                                                            for name in [fake.model, *fake.adapters]]})
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))

@@ -311,6 +311,27 @@ def test_what_a_vllm_upstream_receives(fake_front, fakes):
     assert other["body"]["cache_salt"] != salt and other["headers"]["x-session-id"] != headers["x-session-id"]
 
 
+def test_lora_adapters_the_upstreams_list_can_be_asked_for(fake_front, fakes):
+    """Issue 14: vLLM lists its LoRA adapters beside the model; the front lists them and passes the name on."""
+    api = client(fake_front, KEY1)
+    for fake in fakes:
+        fake.adapters = ["shop-lora"]
+    try:
+        wait_for(lambda: "shop-lora" in [m.id for m in api.models.list().data], what="the adapter listed")
+        card = api.models.retrieve("shop-lora")
+        assert card.model_extra.get("parent") == "fake-vl"
+        before = [len(f.requests) for f in fakes]
+        reply = api.chat.completions.create(model="shop-lora", messages=[{"role": "user", "content": "hi"}])
+        assert reply.model == "shop-lora"
+        sent = [r["body"] for f, n in zip(fakes, before, strict=True) for r in f.requests[n:]]
+        assert [b["model"] for b in sent] == ["shop-lora"]
+        with pytest.raises(openai.NotFoundError):
+            api.chat.completions.create(model="other-lora", messages=[{"role": "user", "content": "hi"}])
+    finally:
+        for fake in fakes:
+            fake.adapters = []
+
+
 def test_tool_calls_go_upstream_and_come_back_as_qwen_blocks(fakes):
     """The engine alone, in this process: offered tools and earlier calls go up in OpenAI's shape, and a
     call the server parsed comes back as the `<tool_call>` text the local engine's answers hold."""

@@ -37,6 +37,7 @@ from chat.engine.types import (
     GenerationFailed,
     NotReady,
     ShuttingDown,
+    UnknownAdapter,
 )
 from chat.engine.upstreams import PROBE_SECONDS, Pool, Upstream, public_url
 from chat.engine.wire import (
@@ -131,6 +132,11 @@ class RemoteEngine:
         return self.pool.model
 
     @property
+    def adapters(self) -> tuple[str, ...]:
+        """Other models the live upstreams list (vLLM lists its --lora-modules so): a request may name one."""
+        return self.pool.others()
+
+    @property
     def changed_at(self) -> float:
         """When the upstreams last went from none up to some up, or back (time.monotonic)."""
         return self.pool.changed_at
@@ -156,6 +162,8 @@ class RemoteEngine:
             raise ShuttingDown()
         if not self.ready.is_set():
             raise Unreachable()
+        if request.adapter and request.adapter not in self.adapters:
+            raise UnknownAdapter(request.adapter, self.adapters)
         with self._lock:
             if self._waiting >= self._max_waiting:
                 raise Busy(self._waiting)

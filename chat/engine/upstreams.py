@@ -87,6 +87,12 @@ class Pool:
                 return u.models[0]
         return ""
 
+    def others(self) -> tuple[str, ...]:
+        """Every model a live upstream lists besides `model` (LoRA adapters served beside it)."""
+        base = self.model
+        names = [m for u in self.upstreams if u.up for m in u.models if m != base]
+        return tuple(dict.fromkeys(names))
+
     def pick(self, key: str, exclude: tuple[Upstream, ...] = ()) -> Upstream | None:
         """The upstream for conversation `key`: the highest-scoring one that is up and not excluded."""
         live = [u for u in self.upstreams if u.up and u not in exclude]

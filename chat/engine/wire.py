@@ -141,7 +141,7 @@ def openai_messages(request: ChatRequest, load_image: Callable[[str], bytes]) ->
 def request_body(request: ChatRequest, model: str, salt: str, load_image: Callable[[str], bytes]) -> dict:
     """The whole chat-completions body for one request (always streamed, always with usage)."""
     p = request.params
-    body = {"model": model, "messages": openai_messages(request, load_image), "stream": True,
+    body = {"model": request.adapter or model, "messages": openai_messages(request, load_image), "stream": True,
             "stream_options": {"include_usage": True}, "temperature": p.temperature, "top_p": p.top_p,
             "cache_salt": salt}
     if not p.fit_to_context:  # else the server's own default applies, as the local engine fits the context
