@@ -58,7 +58,7 @@ def _not_answering(ctx: ui.Ctx, request: gr.Request | None) -> None:
 
 def describe(ctx: ui.Ctx, conv_id, photo, mode, temperature, top_p, max_new_tokens, system, detail="auto",
              request: gr.Request = None, top_k=None, presence_penalty=None,
-             frequency_penalty=None) -> Iterator[tuple]:
+             frequency_penalty=None, adapter=None) -> Iterator[tuple]:
     """'Describe a photo' / 'Take a photo': the photo sent at once with the mode's describe prompt."""
     _not_answering(ctx, request)
     files = [f for f in (photo if isinstance(photo, list) else [photo]) if f]
@@ -67,7 +67,7 @@ def describe(ctx: ui.Ctx, conv_id, photo, mode, temperature, top_p, max_new_toke
     # No text: `send` asks (and stores) the mode's describe prompt.
     box = {"text": "", "files": files}
     yield from _keep_box(ui.send(ctx, conv_id, box, mode, temperature, top_p, max_new_tokens, system, detail,
-                                 request, top_k, presence_penalty, frequency_penalty))
+                                 request, top_k, presence_penalty, frequency_penalty, adapter))
 
 
 def question_for(mode: str | None, label: str | None) -> str | None:
@@ -82,7 +82,7 @@ def question_for(mode: str | None, label: str | None) -> str | None:
 
 def follow_up(ctx: ui.Ctx, label, conv_id, mode, temperature, top_p, max_new_tokens, system, detail="auto",
               request: gr.Request = None, top_k=None, presence_penalty=None,
-              frequency_penalty=None) -> Iterator[tuple]:
+              frequency_penalty=None, adapter=None) -> Iterator[tuple]:
     """A follow-up button: its question sent in the conversation on screen."""
     _not_answering(ctx, request)
     question = question_for(mode, label)
@@ -92,7 +92,7 @@ def follow_up(ctx: ui.Ctx, label, conv_id, mode, temperature, top_p, max_new_tok
         raise Notice("Describe a photo or ask a question first; follow-up questions are about its answer.")
     box = {"text": question, "files": []}
     yield from _keep_box(ui.send(ctx, conv_id, box, mode, temperature, top_p, max_new_tokens, system, detail,
-                                 request, top_k, presence_penalty, frequency_penalty))
+                                 request, top_k, presence_penalty, frequency_penalty, adapter))
 
 
 def has_answer(ctx: ui.Ctx, conv_id: str | None, request: gr.Request) -> bool:

@@ -149,7 +149,8 @@ def find_prompt(thing: str) -> str:
 
 
 def find(ctx, thing, conv_id, mode, temperature, top_p, max_new_tokens, system, detail="auto",
-         request: gr.Request = None) -> Iterator[tuple]:
+         request: gr.Request = None, top_k=None, presence_penalty=None, frequency_penalty=None,
+         adapter=None) -> Iterator[tuple]:
     """'Find on the image': asks for the boxes of what was named, on the conversation's latest image."""
     from chat import describe, ui
 
@@ -170,4 +171,4 @@ def find(ctx, thing, conv_id, mode, temperature, top_p, max_new_tokens, system, 
                      "press Enter), then name what to find.")
     box = {"text": find_prompt(thing), "files": []}
     yield from describe._keep_box(ui.send(ctx, conv_id, box, mode, temperature, top_p, max_new_tokens, system,
-                                          detail, request))
+                                          detail, request, top_k, presence_penalty, frequency_penalty, adapter))

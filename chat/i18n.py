@@ -53,6 +53,7 @@ PAGE = {
         "temperature": "Temperature",
         "top_p": "Top p",
         "top_k": "Top k (0: off)",  # issue 14: sampling panel
+        "adapter": "Model (LoRA adapter)",  # issue 14: --lora
         "presence_penalty": "Presence penalty",
         "frequency_penalty": "Frequency penalty",
         "max_new_tokens": "Max new tokens",
@@ -105,6 +106,7 @@ PAGE = {
         "temperature": "温度",
         "top_p": "Top p",
         "top_k": "Top k（0：关闭）",  # issue 14: sampling panel
+        "adapter": "模型（LoRA 适配器）",  # issue 14: --lora
         "presence_penalty": "存在惩罚",
         "frequency_penalty": "频率惩罚",
         "max_new_tokens": "最大新 token 数",

@@ -23,7 +23,7 @@ from chat.i18n import I18N
 from chat.i18n import label as L  # issue 13 (ux): labels translated in the browser (chat/i18n.py)
 from chat.i18n_text import in_language, page_lang, speaking, translate  # issue 13: server sentences
 from chat.notices import Notice
-from chat.sampling_panel import controls, page_defaults, restore  # issue 14: top k and penalties in the settings
+from chat.sampling_panel import adapter_choice, controls, page_defaults, restore  # issue 14: sampling, LoRA
 from chat.ui import (
     PLACEHOLDER,
     Ctx,
@@ -217,7 +217,8 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
             temperature = gr.Slider(0.0, 2.0, value=default.temperature, step=0.05, label=L("temperature"),
                                     elem_id="temperature")
             top_p = gr.Slider(0.05, 1.0, value=CARD.top_p, step=0.05, label=L("top_p"), elem_id="top-p")
-            penalties = controls()  # issue 14: top k, presence and frequency penalty
+            # issue 14: top k, presence and frequency penalty, then the LoRA adapter (shown when --lora loads some)
+            penalties = [*controls(), adapter_choice(ctx)]
             max_new = gr.Slider(16, ctx.settings.max_new_tokens_limit, value=default.max_new_tokens, step=16,
                                 label=L("max_new_tokens"), elem_id="max-new-tokens")
             system = gr.Textbox(label=L("system_override"), lines=3,
@@ -311,17 +312,17 @@ def build(ctx: Ctx, delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
                           [conv_id, chatbot, title, mode, conv_list, status, *note], **PRIVATE).then(**follow)
         # -- end issue 13 (history) --
         admin.panel(ctx, demo, PRIVATE)  # issue 14 (accounts): usage per user, for admins only
+        # -- issue 14 (grounding): Find (button or Enter), shown in screenshot mode only --
+        for trigger in (find_btn.click, find_text.submit):
+            trigger(bind(find, ctx, len(outputs)), [find_text, conv_id, *sampling, detail, *penalties],
+                    [*outputs, *note], concurrency_limit=None, trigger_mode="multiple", **PRIVATE
+                    ).then(**follow).then(**panel)
+        mode.change(find_visible, [mode], [find_row], show_progress="hidden", **PRIVATE)
+        # -- end issue 14 (grounding) --
         # -- issue 14 (sampling): the panel starts at the model's defaults; a reopened conversation's come back --
         demo.load(bind(page_defaults, ctx), None, [top_p, *penalties], show_progress="hidden",
                   **PRIVATE)
         conv_list.input(bind(restore, ctx), [conv_list], penalties, show_progress="hidden", **PRIVATE)
         # -- end issue 14 (sampling) --
-        # -- issue 14 (grounding): Find (button or Enter), shown in screenshot mode only --
-        for trigger in (find_btn.click, find_text.submit):
-            trigger(bind(find, ctx, len(outputs)), [find_text, conv_id, *sampling, detail],
-                    [*outputs, *note], concurrency_limit=None, trigger_mode="multiple", **PRIVATE
-                    ).then(**follow).then(**panel)
-        mode.change(find_visible, [mode], [find_row], show_progress="hidden", **PRIVATE)
-        # -- end issue 14 (grounding) --
         demo.unload(bind(page_closed, ctx))
     return demo

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from chat.engine.adapters import parse_specs
 from chat.engine.sampling_defaults import CARD, defaults_of
 from chat.i18n import label as L
 from chat.store import NotFound
@@ -34,16 +35,27 @@ def controls() -> list:
     ]
 
 
+def adapter_choice(ctx: Ctx):
+    """Which model answers: the base model or one of the LoRA adapters `--lora` loads (hidden when there are none).
+
+    The choice is saved with each turn's settings (key "adapter") and comes back with the conversation.
+    """
+    names = list(parse_specs(ctx.settings.lora)) if not ctx.settings.engine_urls else []
+    base = ctx.settings.model.rstrip("/").split("/")[-1]
+    return gr.Dropdown([(base, ""), *((name, name) for name in names)], value="", label=L("adapter"),
+                       visible=bool(names), elem_id="adapter", interactive=True)
+
+
 def page_defaults(ctx: Ctx) -> tuple:
     """On page load: top p, top k and the penalties at the model's defaults (the card's while it loads)."""
     d = defaults_of(ctx.engine)
-    return d.top_p, min(d.top_k, TOP_K_MAX), d.presence_penalty, d.frequency_penalty
+    return d.top_p, min(d.top_k, TOP_K_MAX), d.presence_penalty, d.frequency_penalty, gr.skip()
 
 
 def restore(ctx: Ctx, conv_id: str | None, request: gr.Request) -> tuple:
     """A reopened conversation's top k and penalties as last used in it (left as they are where it never set
     them: conversations from before these controls)."""
-    skip = (gr.skip(),) * len(KEYS)
+    skip = (gr.skip(),) * (len(KEYS) + 1)
     if not conv_id:
         return skip
     owner = owner_of(request)
@@ -60,4 +72,6 @@ def restore(ctx: Ctx, conv_id: str | None, request: gr.Request) -> tuple:
             out.append(int(value) if key == "top_k" else value)
         except (KeyError, TypeError, ValueError):
             out.append(gr.skip())
+    adapter = found.get("adapter") or ""  # issue 14: the LoRA adapter it last used (the base model if it is gone)
+    out.append(adapter if adapter in parse_specs(ctx.settings.lora) else "")
     return tuple(out)

@@ -294,7 +294,7 @@ def _submit(ctx: Ctx, owner: str, conv_id: str | None, rows: list[dict], setting
                                        presence_penalty=settings.get("presence_penalty"),
                                        frequency_penalty=settings.get("frequency_penalty"))  # issue 14
     request = ChatRequest(engine_messages(rows, system), params, session=conv_id, cache_salt=owner,
-                          images=images or {})
+                          images=images or {}, adapter=settings.get("adapter") or "")  # issue 14: LoRA
     ticket = page_ticket(ctx.limits, owner)  # issue 14: over the rate limit -> a Notice saying when; nothing stored
     try:
         # issue 14 (chat/trim.py): too long for the context -> the oldest turns are left out, and the answer says so
@@ -312,7 +312,8 @@ def _submit(ctx: Ctx, owner: str, conv_id: str | None, rows: list[dict], setting
 
 
 def send(ctx: Ctx, conv_id, box, mode, temperature, top_p, max_new_tokens, system, detail="auto",
-         request: gr.Request = None, top_k=None, presence_penalty=None, frequency_penalty=None) -> Iterator[tuple]:
+         request: gr.Request = None, top_k=None, presence_penalty=None, frequency_penalty=None,
+         adapter=None) -> Iterator[tuple]:
     """Check everything, submit, then store the question (and images) and stream the answer."""
     owner = owner_of(request)
     session = request.session_hash
@@ -343,7 +344,8 @@ def send(ctx: Ctx, conv_id, box, mode, temperature, top_p, max_new_tokens, syste
     m = localized(mode_for(mode), lang)
     asked = text or m.describe_prompt  # images and no text: the mode's describe prompt (paste + Enter)
     settings = _turn_settings(temperature, top_p, max_new_tokens, system, detail, top_k=top_k,
-                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                              adapter=adapter or None)
     question = {"role": "user", "text": asked, "image_ids": [i.sha256 for i in images], "settings": settings,
                 "status": "complete"}
     turn = Turn(ctx, owner)
@@ -373,7 +375,8 @@ def send(ctx: Ctx, conv_id, box, mode, temperature, top_p, max_new_tokens, syste
 
 
 def regenerate(ctx: Ctx, conv_id, mode, temperature, top_p, max_new_tokens, system,
-               request: gr.Request, top_k=None, presence_penalty=None, frequency_penalty=None) -> Iterator[tuple]:
+               request: gr.Request, top_k=None, presence_penalty=None, frequency_penalty=None,
+               adapter=None) -> Iterator[tuple]:
     """Answer the last user message again: a new version of the answer (the earlier ones stay, chat.versions)."""
     owner = owner_of(request)
     session = request.session_hash
@@ -399,7 +402,8 @@ def regenerate(ctx: Ctx, conv_id, mode, temperature, top_p, max_new_tokens, syst
     if not rows or rows[-1]["role"] != "user":
         raise Notice("Nothing to regenerate yet.")
     settings = _turn_settings(temperature, top_p, max_new_tokens, system, top_k=top_k,
-                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                              adapter=adapter or None)
     m = mode_for(mode)
     turn = Turn(ctx, owner)
     handle = _submit(ctx, owner, conv_id, rows, settings, m.key, turn, lang=lang_of(request))

@@ -170,7 +170,8 @@ def next_version(ctx: ui.Ctx, conv_id, target, request: gr.Request) -> tuple:
 
 
 def edit(ctx: ui.Ctx, conv_id, target, text, mode, temperature, top_p, max_new_tokens, system,
-         request: gr.Request = None, top_k=None, presence_penalty=None, frequency_penalty=None) -> Iterator[tuple]:
+         request: gr.Request = None, top_k=None, presence_penalty=None, frequency_penalty=None,
+         adapter=None) -> Iterator[tuple]:
     """Send an edited question: a new version of it (same images) with a fresh answer, streamed.
 
     Yields the same outputs as `ui.send` (conv_id, chat, box, list, status, title); the box is left alone.
@@ -201,7 +202,8 @@ def edit(ctx: ui.Ctx, conv_id, target, text, mode, temperature, top_p, max_new_t
     asked = text or m.describe_prompt
     detail = (original.get("settings") or {}).get("detail") if original["image_ids"] else None
     settings = ui._turn_settings(temperature, top_p, max_new_tokens, system, detail, top_k=top_k,
-                                 presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+                                 presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                 adapter=adapter or None)
     question = {"role": "user", "text": asked, "image_ids": original["image_ids"], "settings": settings,
                 "status": "complete"}
     turn = Turn(ctx, owner)

@@ -134,3 +134,50 @@ def test_specs_parse_with_clear_errors():
     for bad, says in (("justapath", "NAME=PATH"), ("a=/x,a=/y", "twice"), ("bad name=/x", "letters")):
         with pytest.raises(LoraError, match=says):
             parse_specs(bad)
+
+
+# -- the page: a selector (hidden without adapters), kept with the turn and the conversation --------------------
+
+
+@pytest.fixture
+def page_ctx(tmp_path, loaded, adapters):
+    from chat import ui
+    from chat.config import Settings
+    from chat.images import open_clean
+    from chat.store import Store
+
+    store = Store(tmp_path / "data")
+    settings = Settings(data_dir=tmp_path / "data", lora=",".join(f"{k}={v}" for k, v in adapters.items()))
+    eng = Engine(Runner(loaded.model, loaded.processor), lambda i: open_clean(store.image_bytes(i)),
+                 lora=load_adapters(adapters, loaded.model))
+    eng.start(warmup=False)
+    yield ui.Ctx(store=store, engine=eng, settings=settings, random_weights=True)
+    eng.shutdown()
+    store.close()
+
+
+def test_the_page_sends_with_the_chosen_adapter_and_brings_it_back(page_ctx):
+    from chat import sampling_panel, ui
+    from chat.config import Settings
+    from chat.notices import Notice
+    from tests.test_ui import OWNER, Req
+
+    choice = sampling_panel.adapter_choice(page_ctx)
+    assert choice.visible and [v for _, v in choice.choices] == ["", "alpha", "beta"]
+    hidden = sampling_panel.adapter_choice(types.SimpleNamespace(settings=Settings()))
+    assert not hidden.visible
+
+    def ask(text, conv_id=None, adapter=None):
+        updates = list(ui.send(page_ctx, conv_id, {"text": text, "files": []}, "general", 0.0, 0.9, 16, "", "auto",
+                               Req(), 0, 0.0, 0.0, adapter))
+        return updates[0][0] or conv_id
+
+    base_conv = ask("Name three colours.")
+    alpha_conv = ask("Name three colours.", adapter="alpha")
+    base, alpha = (page_ctx.store.messages(OWNER, c) for c in (base_conv, alpha_conv))
+    assert alpha[0]["settings"]["adapter"] == "alpha" and "adapter" not in base[0]["settings"]
+    assert base[-1]["text"] != alpha[-1]["text"]  # the adapter answered, not the base model
+    assert sampling_panel.restore(page_ctx, alpha_conv, Req())[-1] == "alpha"
+    assert sampling_panel.restore(page_ctx, base_conv, Req())[-1] == ""
+    with pytest.raises(Notice, match="gamma"):
+        ask("Hello", adapter="gamma")

@@ -211,7 +211,7 @@ def test_the_page_sends_and_saves_top_k_and_penalties_and_brings_them_back(ctx):
             "top_k": 5, "presence_penalty": 0.4, "frequency_penalty": 0.7}
     list(ui.regenerate(ctx, conv_id, "general", 0.0, 0.9, 16, "", Req(), 3, 0.0, -0.5))
     assert (sent[-1].top_k, sent[-1].presence_penalty, sent[-1].frequency_penalty) == (3, 0.0, -0.5)
-    assert sampling_panel.restore(ctx, conv_id, Req()) == (3, 0.0, -0.5)  # the newest turn's
+    assert sampling_panel.restore(ctx, conv_id, Req()) == (3, 0.0, -0.5, "")  # the newest turn's (base model)
     # Not given (an older caller): the model's defaults, and nothing stored for them.
     list(ui.send(ctx, conv_id, {"text": "more", "files": []}, "general", 0.0, 0.9, 16, "", "auto", Req()))
     assert (sent[-1].top_k, sent[-1].presence_penalty, sent[-1].frequency_penalty) == (20, 1.5, 0.0)
@@ -220,9 +220,9 @@ def test_the_page_sends_and_saves_top_k_and_penalties_and_brings_them_back(ctx):
 
 
 def test_the_panel_starts_at_the_models_defaults(ctx):
-    assert sampling_panel.page_defaults(ctx) == (0.8, 20, 1.5, 0.0)
+    assert sampling_panel.page_defaults(ctx)[:4] == (0.8, 20, 1.5, 0.0)
     ctx.engine.sampling_defaults = SamplingDefaults(top_p=0.95, top_k=40, presence_penalty=0.0)
-    assert sampling_panel.page_defaults(ctx) == (0.95, 40, 0.0, 0.0)
+    assert sampling_panel.page_defaults(ctx)[:4] == (0.95, 40, 0.0, 0.0)
 
 
 def test_in_the_browser_the_panel_starts_at_the_checkpoints_defaults_and_its_values_are_kept(configured_server,
