@@ -37,7 +37,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from chat import json_mode
-from chat.api_run import Generation, clamp_headers, engine_error, failed_error, read_body, usage_of
+from chat.api_run import Generation, clamp_headers, engine_error, failed_error, read_body, trim_headers, usage_of
 from chat.config import Settings
 from chat.engine.sampling_defaults import defaults_of
 from chat.engine.types import Delta, Done, Failed
@@ -163,10 +163,12 @@ def router(state: ApiState) -> APIRouter:
         chat_request, meta = await parsed(state, request, owner)
         if meta.get("grounding"):  # issue 14: the answer's boxes in pixels of the newest image, asked for
             meta["grounding_size"] = request_image_size(chat_request)
-        gen = await Generation.start(request, state.engine, chat_request, ticket.on_finish(), ticket.refund)
+        gen = await Generation.start(request, state.engine, chat_request, ticket.on_finish(), ticket.refund,
+                                     trim=state.settings.trim_history_api)  # issue 14: chat/trim.py, opt-in
+        left_out = trim_headers(gen.trimmed)
         if meta.get("json_format") is not None:  # issue 14: checked (and generated once more) before it is sent
             gen = await json_mode.validated(request, state.engine, chat_request, gen, meta)
-        headers = {**clamp_headers(meta), **limit_headers(ticket)}
+        headers = {**clamp_headers(meta), **limit_headers(ticket), **left_out}
         if meta["stream"]:
             gen.stream()
             return StreamingResponse(stream(gen.handle, gen.events, gen.first, meta), media_type="text/event-stream",

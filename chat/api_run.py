@@ -13,6 +13,7 @@ import logging
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
+from chat import trim as trim_history
 from chat.engine.types import Busy, ContextTooLong, Done, EngineError, Failed, NotReady, ShuttingDown
 from chat.openai_parse import ApiError, bad
 
@@ -58,23 +59,35 @@ def clamp_headers(meta: dict) -> dict:
     return {"X-Vlchat-Max-Tokens-Clamped": f"{asked} -> {limit}"}
 
 
+def trim_headers(trimmed) -> dict:
+    """The response header that says how many of the oldest turns were left out (issue 14, chat.trim)."""
+    return {"X-Vlchat-Left-Out-Turns": str(trimmed.turns)} if trimmed is not None else {}
+
+
 class Generation:
     """One request on the engine: its handle, its events and the first of them, and its clean-up."""
 
     def __init__(self, handle, events, first, watcher) -> None:
         self.handle, self.events, self.first, self.watcher = handle, events, first, watcher
         self.handed_over = False
+        self.trimmed = None  # issue 14 (--trim-history-api): what chat.trim left out, or None
 
     @classmethod
-    async def start(cls, request: Request, engine, chat_request, on_finish=None, on_refused=None) -> Generation:
+    async def start(cls, request: Request, engine, chat_request, on_finish=None, on_refused=None,
+                    trim: bool = False) -> Generation:
         """Submit (in a thread: it renders and tokenizes) and wait for the first event; errors as ApiError.
 
         `on_finish`: the engine's callback with the final event (the rate limit charges the answer's tokens);
         `on_refused`: called when the server turns the request away (busy, loading, stopping: a 503).
+        `trim` (issue 14, --trim-history-api): too long for the context -> the oldest turns left out (chat.trim).
         """
+        trimmed = None
         try:
-            args = (chat_request,) if on_finish is None else (chat_request, on_finish)
-            handle = await asyncio.to_thread(engine.submit, *args)
+            if trim:
+                handle, trimmed = await asyncio.to_thread(trim_history.submit, engine, chat_request, on_finish)
+            else:
+                args = (chat_request,) if on_finish is None else (chat_request, on_finish)
+                handle = await asyncio.to_thread(engine.submit, *args)
         except EngineError as exc:
             if on_refused is not None and isinstance(exc, (Busy, NotReady, ShuttingDown)):
                 on_refused()
@@ -83,6 +96,7 @@ class Generation:
         # Until a stream takes over (it notices a closed connection itself), a client that goes away
         # while its request waits or generates must not keep the worker busy.
         gen = cls(handle, events, None, asyncio.create_task(cancel_on_disconnect(request, handle)))
+        gen.trimmed = trimmed
         try:
             gen.first = await anext(events)
         except BaseException:

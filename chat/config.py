@@ -77,6 +77,8 @@ class Settings:
     context_tokens: int = _opt(32768, "Longest conversation (prompt + answer) in tokens.", lo=256)
     trim_history: bool = _opt(True, "On the page, a conversation longer than the context leaves out its oldest turns "
                               "(and says so) instead of being refused; the history keeps them (chat/trim.py).")
+    trim_history_api: bool = _opt(False, "The same for /v1/chat/completions: the oldest turns are left out and the "
+                                  "response says how many in the header X-Vlchat-Left-Out-Turns.")
     default_max_new_tokens: int = _opt(1024, "Default answer length limit in tokens.", lo=1)
     max_new_tokens_limit: int = _opt(4096, "Largest answer length a request may ask for.", lo=1)
     max_image_bytes: int = _opt(20_000_000, "Largest image upload in bytes.", lo=1)

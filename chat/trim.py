@@ -125,7 +125,7 @@ def shortened(request: ChatRequest, measure, context: int, max_chars: int | None
     return None
 
 
-def submit(engine, request: ChatRequest, on_finish, enabled: bool = True) -> tuple[object, Trimmed | None]:
+def submit(engine, request: ChatRequest, on_finish=None, enabled: bool = True) -> tuple[object, Trimmed | None]:
     """`engine.submit`, and when the engine refuses the prompt as too long: the shortened request instead.
 
     Returns (handle, what was left out or None). A request that cannot be shortened enough comes back
@@ -138,7 +138,8 @@ def submit(engine, request: ChatRequest, on_finish, enabled: bool = True) -> tup
         if inside and isinstance(event, Failed) and event.code == CONTEXT_CODE:
             refused.append(event)  # decided below: shortened and sent again, or passed on
             return
-        on_finish(event)
+        if on_finish is not None:
+            on_finish(event)
 
     handle = engine.submit(request, on_finish=first if enabled else on_finish)
     inside = False
@@ -157,7 +158,8 @@ def submit(engine, request: ChatRequest, on_finish, enabled: bool = True) -> tup
             log.exception("measuring a shortened conversation failed")
             fitted = None
     if fitted is None:
-        on_finish(refused[0])
+        if on_finish is not None:
+            on_finish(refused[0])
         return handle, None
     short, trimmed = fitted
     return engine.submit(short, on_finish=on_finish), trimmed

@@ -168,3 +168,36 @@ def test_the_rules_system_prompt_newest_image_and_latest_turns():
         assert trim.note_text(usage) == ("为了放进模型的上下文，较早的消息（3 轮）未发送给模型。"
                                          "最近的一张图片及其问答已保留。")
     assert trim.note_text({"prompt_tokens": 10}) == ""
+
+
+# -- the API, behind --trim-history-api (off by default: a client usually sends what it wants answered) ------------
+
+
+def test_the_api_leaves_out_the_oldest_turns_with_the_option_and_says_so_in_a_header(tmp_path_factory, model_dir):
+    import openai
+
+    from tests.servers import Server, data_dir
+
+    server = Server(data_dir(tmp_path_factory, model_dir, "trim-api"), "--context-tokens", str(CONTEXT),
+                    "--trim-history-api").start()
+    try:
+        sdk = openai.OpenAI(base_url=f"{server.base}/v1", api_key="unused", max_retries=0, timeout=60)
+        messages = [{"role": "system", "content": "Be brief."}]
+        for n in range(10):  # ~10 x 130 tokens: over the 1024-token context
+            messages += [{"role": "user", "content": f"Question {n}. {LONG}"},
+                         {"role": "assistant", "content": f"Answer {n}."}]
+        messages.append({"role": "user", "content": "And the last one?"})
+        raw = sdk.chat.completions.with_raw_response.create(model="tiny-random", messages=messages, max_tokens=16)
+        left_out = int(raw.headers["x-vlchat-left-out-turns"])
+        completion = raw.parse()
+        assert completion.choices[0].message.content and 1 <= left_out <= 10
+        assert completion.usage.prompt_tokens + 16 <= CONTEXT
+        # A conversation that fits has no such header; one message too long on its own is still refused.
+        raw = sdk.chat.completions.with_raw_response.create(model="tiny-random", messages=messages[-1:], max_tokens=16)
+        assert "x-vlchat-left-out-turns" not in raw.headers
+        with pytest.raises(openai.BadRequestError) as info:
+            sdk.chat.completions.create(model="tiny-random", max_tokens=16,
+                                        messages=[{"role": "user", "content": " ".join([LONG] * 10)}])
+        assert info.value.code == "context_length_exceeded"
+    finally:
+        server.stop()
