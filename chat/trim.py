@@ -79,9 +79,16 @@ def split_turns(messages: list[dict]) -> tuple[list[dict], list[list[dict]]]:
 
 
 def _room(request: ChatRequest, context: int) -> int:
-    """The most prompt tokens that can go with this request's answer (as the engine checks it)."""
+    """The most prompt tokens that can go with this request's answer (as the engine checks it).
+
+    A request whose answer may take whatever room is left (an API request without max_tokens) keeps room
+    for its usual answer length, or half the context if that is more than half: a shortened conversation
+    that left the answer one token would be no use.
+    """
     params = request.params
-    return context - 1 if params.fit_to_context else min(context - params.max_new_tokens, context - 1)
+    if params.fit_to_context:
+        return context - max(1, min(params.max_new_tokens, context // 2))
+    return min(context - params.max_new_tokens, context - 1)
 
 
 def shortened(request: ChatRequest, measure, context: int, max_chars: int | None = None

@@ -192,6 +192,11 @@ def test_the_api_leaves_out_the_oldest_turns_with_the_option_and_says_so_in_a_he
         completion = raw.parse()
         assert completion.choices[0].message.content and 1 <= left_out <= 10
         assert completion.usage.prompt_tokens + 16 <= CONTEXT
+        # Without max_tokens the answer may take the room left: half the context is kept for it (the default
+        # answer length, 1024, is more than half).
+        raw = sdk.chat.completions.with_raw_response.create(model="tiny-random", messages=messages)
+        assert int(raw.headers["x-vlchat-left-out-turns"]) > left_out
+        assert raw.parse().usage.prompt_tokens <= CONTEXT // 2
         # A conversation that fits has no such header; one message too long on its own is still refused.
         raw = sdk.chat.completions.with_raw_response.create(model="tiny-random", messages=messages[-1:], max_tokens=16)
         assert "x-vlchat-left-out-turns" not in raw.headers
