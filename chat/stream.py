@@ -211,7 +211,8 @@ def waiting_line(handle, since: float, now: float | None = None) -> str:
     """The status while a request waits for a place in the batch (after a second), else "Answering…".
 
     It starts with "Answering" like the plain line, so the page's announcer knows the answer is
-    still on its way (and says the queue position as it changes).
+    still on its way (and says the queue position as it changes). In the page's language (chat.i18n_text),
+    it starts with that language's "Answering…" (assets/announce.js looks for vlchat.t("answering")).
     """
     ahead = getattr(handle, "ahead", None)
     if ahead is None or (now if now is not None else time.monotonic()) - since < WAIT_NOTE_SECONDS:
