@@ -56,3 +56,12 @@ class Metrics:
     def render(self) -> bytes:
         """Prometheus text exposition."""
         return generate_latest(self.registry)
+
+    def finished(self, outcome: str, prompt: int, cached: int, generated: int, decode_seconds: float) -> None:
+        """One request ended (`outcome`: its finish reason, or 'error'): its tokens and decode rate."""
+        self.requests.labels(outcome).inc()
+        self.prompt_tokens.inc(prompt)
+        self.cached_prompt_tokens.inc(max(cached, 0))
+        self.generated_tokens.inc(generated)
+        if generated > 1 and decode_seconds > 0:
+            self.decode_rate.observe((generated - 1) / decode_seconds)

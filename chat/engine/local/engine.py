@@ -30,7 +30,7 @@ from chat.engine.handle import Handle
 from chat.engine.local.batch import pack
 from chat.engine.local.features import Vision
 from chat.engine.local.intake import PromptBuilder
-from chat.engine.local.kv import BlockPool, KVTensors
+from chat.engine.local.kv import BlockPool, KVTensors, pool_blocks
 from chat.engine.local.prompt import Prompt
 from chat.engine.local.retry import OUT_OF_MEMORY
 from chat.engine.local.sampling import sample
@@ -58,11 +58,6 @@ _STOP = object()
 _WARMUP = object()
 GENERIC_FAILURE = "The model failed while answering; the error is in the server log."
 BLOCK_SIZE = 16
-
-
-def pool_blocks(kv_bytes: int, block_bytes: int, max_context: int, block_size: int) -> int:
-    """Blocks for a pool of `kv_bytes`, never fewer than one full-length conversation needs (plus scratch)."""
-    return max(kv_bytes // block_bytes, -(-max_context // block_size) + 2)
 
 
 class Engine:
@@ -366,13 +361,9 @@ class Engine:
             result = Failed(str(ShuttingDown()), ShuttingDown.code, seq.output.text)
         else:
             result = Done(outcome, seq.output.text, usage, notice=seq.notice)
-        m = self.metrics
-        m.requests.labels(result.finish_reason if isinstance(result, Done) else "error").inc()
-        m.prompt_tokens.inc(seq.n_prompt)
-        m.cached_prompt_tokens.inc(max(seq.cached_tokens, 0))
-        m.generated_tokens.inc(len(seq.generated))
-        if len(seq.generated) > 1 and seq.last_token_at > seq.first_token_at:
-            m.decode_rate.observe((len(seq.generated) - 1) / (seq.last_token_at - seq.first_token_at))
+        decoding = seq.last_token_at - seq.first_token_at if len(seq.generated) > 1 else 0.0
+        self.metrics.finished(result.finish_reason if isinstance(result, Done) else "error", seq.n_prompt,
+                              seq.cached_tokens, len(seq.generated), decoding)
         handle._finish(result)
 
     def _unblock(self) -> None:

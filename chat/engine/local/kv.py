@@ -167,3 +167,8 @@ class KVTensors:
         k = self.k[layer].index_select(0, table).flatten(0, 1)[:length]
         v = self.v[layer].index_select(0, table).flatten(0, 1)[:length]
         return k, v
+
+
+def pool_blocks(kv_bytes: int, block_bytes: int, max_context: int, block_size: int) -> int:
+    """Blocks for a pool of `kv_bytes`, never fewer than one full-length conversation needs (plus scratch)."""
+    return max(kv_bytes // block_bytes, -(-max_context // block_size) + 2)

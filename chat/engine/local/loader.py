@@ -278,6 +278,8 @@ def quantization(kind: str, dtype: torch.dtype):
 
     skip = ["model.visual", "lm_head"]
     if kind == "int8":
+        # It says on every call that it casts bf16 inputs to fp16; once is enough.
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
                               bnb_4bit_use_double_quant=True, llm_int8_skip_modules=skip)
