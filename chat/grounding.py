@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
+from chat.i18n_text import say
+
 SCALE = 1000  # Qwen3-VL's coordinates: 0..1000 of the image's width and height
 MAX_SCAN_CHARS = 200_000  # an answer longer than this is only searched in its beginning
 MAX_MARKS = 100
@@ -143,20 +145,24 @@ def parse(text: str | None) -> list[Mark]:
 
 
 def _listing(labels: list[str]) -> str:
-    counts = Counter(label or "unlabelled" for label in labels)
-    return ", ".join(name if n == 1 else f"{name} ({n})" for name, n in counts.items())
+    counts = Counter(label or say("unlabelled") for label in labels)
+    return say(", ").join(name if n == 1 else f"{name} ({n})" for name, n in counts.items())
 
 
 def summary(marks: list[Mark]) -> str:
-    """What is drawn, for the image's text alternative: "Boxes: cat, red car (2). Points: door"."""
+    """What is drawn, for the image's text alternative: "Boxes: cat, red car (2). Points: door".
+
+    In the language of the page being drawn (chat.i18n_text.say; issue 13): the caption and alt text are made
+    whenever the chat is drawn, not stored.
+    """
     boxes = [m.label for m in marks if m.box is not None]
     points = [m.label for m in marks if m.box is None and m.point is not None]
     parts = []
     if boxes:
-        parts.append(f"Boxes: {_listing(boxes)}")
+        parts.append(say("Boxes: {labels}", labels=_listing(boxes)))
     if points:
-        parts.append(f"Points: {_listing(points)}")
-    return ". ".join(parts)
+        parts.append(say("Points: {labels}", labels=_listing(points)))
+    return say(". ").join(parts)
 
 
 # -- pixels ---------------------------------------------------------------------------------

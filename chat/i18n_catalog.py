@@ -124,7 +124,7 @@ ZH_CN: dict[str, str] = {
         "已就绪：下载 Markdown（ZIP，含图片）或 JSON（包含所有版本；可以导入）。",
     "The file could not be read; choose it again.": "无法读取该文件；请重新选择。",
     "Choose a vlchat JSON export to import.": "请选择要导入的 vlchat JSON 导出文件。",
-    "This file cannot be imported: {why} Nothing was imported.": "无法导入此文件：{why} 没有导入任何内容。",
+    "This file cannot be imported: {why} Nothing was imported.": "无法导入此文件：{why}没有导入任何内容。",
     "Imported “{title}” ({n} messages shown).": "已导入“{title}”（显示 {n} 条消息）。",
     # -- describe conversations' titles (chat/versions.py / chat/describe.py) --
     "Photo: {name}": "照片：{name}",
@@ -145,7 +145,86 @@ ZH_CN: dict[str, str] = {
     "Earlier messages ({n} turns) were left out to fit the model's context.":
         "为了放进模型的上下文，较早的消息（{n} 轮）未发送给模型。",
     "The most recent image, with its question and answer, was kept.": "最近的一张图片及其问答已保留。",
+    # -- the model server, adapters, the GPU (chat/engine: types.py UnknownAdapter, wire.py, remote.py, retry.py) --
+    "The model '{name}' is not served here (LoRA adapters: none are loaded).":
+        "这里没有提供模型“{name}”（没有加载任何 LoRA 适配器）。",
+    "The model '{name}' is not served here (LoRA adapters: {listed}).":
+        "这里没有提供模型“{name}”（LoRA 适配器：{listed}）。",
+    "The model server is not reachable; try again in a moment.": "无法连接模型服务器；请稍后再试。",
+    "The model server refused the request (HTTP {status}).": "模型服务器拒绝了请求（HTTP {status}）。",
+    "The conversation is too long for the model.": "对话太长，模型无法处理。",
+    "An image of this conversation could not be read; start a new chat.":
+        "无法读取这个对话中的一张图片；请开始新对话。",
+    "The GPU ran out of memory, so the images were read at lower detail.":
+        "GPU 内存不足，因此以较低的细节读取了图片。",
+    "The GPU ran out of memory for this request. Try fewer images, lower detail or a shorter conversation.":
+        "GPU 内存不足，无法处理这个请求。请减少图片、降低细节或缩短对话。",
+    # -- boxes drawn on an answer's image: caption and alt text (chat/grounding.py summary) --
+    "Boxes: {labels}": "框：{labels}",
+    "Points: {labels}": "点：{labels}",
+    ", ": "、",
+    ". ": "。",
+    "unlabelled": "未标注",
+    # -- why an import was refused (chat/history_io.py: "This file cannot be imported: {why} Nothing was imported.")
+    "it is {size} MB; the limit is {limit} MB.": "它有 {size} MB；上限是 {limit} MB。",
+    "it is not UTF-8 text (a vlchat JSON export is).": "它不是 UTF-8 文本（vlchat 的 JSON 导出文件是）。",
+    "it nests deeper than {n} levels; a vlchat export does not.": "它的嵌套超过 {n} 层；vlchat 导出文件不会这样。",
+    "it is not valid JSON.": "它不是有效的 JSON。",
+    'it is not a vlchat conversation export (its "format" is not "vlchat.conversation").':
+        '它不是 vlchat 对话导出文件（它的 "format" 不是 "vlchat.conversation"）。',
+    "its format version is {found}; this server reads version {n}.": "它的格式版本是 {found}；本服务器读取版本 {n}。",
+    "{what} is not an object.": "{what}不是对象。",
+    "{what} has fields an export does not have ({fields}).": "{what}含有导出文件没有的字段（{fields}）。",
+    "{what} is not text.": "{what}不是文本。",
+    "{what} is {n} characters; the limit is {limit}.": "{what}有 {n} 个字符；上限是 {limit}。",
+    "{what} is not a small object.": "{what}不是小型对象。",
+    "{what}: {key} is not a plain value.": "{what}：{key} 不是简单的值。",
+    '"images" is not a list.': '"images" 不是列表。',
+    "it holds {n} images; a conversation may hold {limit}.": "它含有 {n} 张图片；一个对话最多 {limit} 张。",
+    "image {n} has no valid sha256 or data.": "图片 {n} 没有有效的 sha256 或数据。",
+    "image {n} is not valid base64.": "图片 {n} 不是有效的 base64。",
+    "image {n}: {why}": "图片 {n}：{why}",  # why: the image's refusal (chat/images.py, below)
+    "it has no messages.": "它没有消息。",
+    "it has {n} messages; the limit is {limit}.": "它有 {n} 条消息；上限是 {limit}。",
+    '"current" does not name one of its messages.': '"current" 没有指向它的任何一条消息。',
+    "{what}'s parent is not an earlier message.": "{what}的上一条不是更早的消息。",
+    "{what} has no valid role.": "{what}没有有效的角色。",
+    "{what}'s images are not lists.": "{what}的图片不是列表。",
+    "{what} carries {n} images; a message may carry {limit}.": "{what}带有 {n} 张图片；一条消息最多 {limit} 张。",
+    "{what} names an image the file does not hold.": "{what}引用了文件中没有的图片。",
+    "its messages do not fit together.": "它的消息无法拼接在一起。",
+    # ... and what they name ({what})
+    "the file": "该文件",
+    "the title": "标题",
+    "the settings": "设置",
+    "image {n}": "图片 {n}",
+    "message {n}": "消息 {n}",
+    "message {n}'s text": "消息 {n} 的文字",
+    "message {n}'s settings": "消息 {n} 的设置",
+    "message {n}'s usage": "消息 {n} 的用量",
+    "message {n}'s file name": "消息 {n} 的文件名",
 }
+
+# A refused image (chat/images.py ImageError, its MESSAGES): alone (an import's "image 2: ...") and as the page
+# shows an attachment's ("cat.png: ...", chat/uploads.py).
+IMAGE_ERRORS: dict[str, str] = {
+    "Unsupported image format; use PNG, JPEG, WebP, GIF or BMP.":
+        "不支持的图片格式；请使用 PNG、JPEG、WebP、GIF 或 BMP。",
+    "The image file is damaged or incomplete.": "图片文件已损坏或不完整。",
+    "The image file is empty.": "图片文件是空的。",
+    "Image has too many pixels; the limit is {limit} megapixels.": "图片像素太多；上限是 {limit} 百万像素。",
+    "Image is {size} MB; the limit is {limit} MB.": "图片有 {size} MB；上限是 {limit} MB。",
+    "Image is {width}x{height} pixels; both sides must be at least 1 pixel.":
+        "图片为 {width}x{height} 像素；两边都必须至少 1 像素。",
+    "Image is {width}x{height} pixels; the aspect ratio must be at most {aspect}:1.":
+        "图片为 {width}x{height} 像素；宽高比最多为 {aspect}:1。",
+    "Image is {width}x{height} pixels ({pixels} megapixels); the limit is {limit} megapixels.":
+        "图片为 {width}x{height} 像素（{pixels} 百万像素）；上限是 {limit} 百万像素。",
+    "Unknown detail level '{detail}'; use low, auto or high.": "未知的细节级别“{detail}”；请使用 low、auto 或 high。",
+}
+for _en, _zh in IMAGE_ERRORS.items():
+    ZH_CN[_en] = _zh
+    ZH_CN["{name}: " + _en] = "{name}：" + _zh
 
 # Rate limits (chat/ratelimit_gate.py page_message): each reason with each unit of the wait.
 for _what, _zh in (("Too many messages", "消息太多"), ("Too much text asked and answered", "提问和回答的文字太多")):

@@ -22,7 +22,11 @@ from chat.i18n_catalog import CATALOG
 DEFAULT = "en"
 _LANG: ContextVar[str] = ContextVar("vlchat_page_lang", default=DEFAULT)
 _FIELD = re.compile(r"\{(\w+)(?::[^}]*)?\}")
-_FREE = ("name", "title", "why", "error")  # fields that may hold any text; the others are numbers
+# Fields that may hold any text; the others are numbers.
+_FREE = ("name", "title", "why", "error", "what", "listed", "fields", "key", "found", "labels")
+# Fields that hold a sentence or a phrase of the server's own ("This file cannot be imported: {why} ..."; "{what} is
+# not text.", what = "message 3's text"): translated in turn when the catalog knows them.
+_NESTED = ("why", "what")
 
 
 def current() -> str:
@@ -92,8 +96,17 @@ def _one(message: str, lang: str) -> str | None:
     for pattern, text in _PATTERNS[lang]:
         m = pattern.match(message)
         if m:
-            return _FIELD.sub(lambda f, m=m: m.group(f.group(1)), text)
+            return _FIELD.sub(lambda f, m=m: _value(m, f.group(1), lang), text)
     return None
+
+
+def _value(m: re.Match, name: str, lang: str) -> str:
+    """A field's value as matched, or (a nested field) its own translation where the catalog has one."""
+    value = m.group(name)
+    if name in _NESTED:
+        found = _one(value, lang)
+        return value if found is None else found
+    return value
 
 
 _SENTENCE_END = re.compile(r"(?<=[.…!?])\s+")

@@ -52,12 +52,30 @@ _ALPHA_MODES = ("RGBA", "LA", "PA")
 # What Pillow's EXIF parser raises on a mangled block.
 _EXIF_ERRORS = (OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError, struct.error)
 
+# The refusals' sentences, as str.format templates: chat/i18n_catalog.py translates each one for the page
+# (issue 13; tests/test_i18n.py checks that every one of MESSAGES is there).
 UNSUPPORTED = "Unsupported image format; use PNG, JPEG, WebP, GIF or BMP."
 DAMAGED = "The image file is damaged or incomplete."
+EMPTY = "The image file is empty."
+TOO_MANY_PIXELS = "Image has too many pixels; the limit is {limit} megapixels."
+TOO_LARGE = "Image is {size} MB; the limit is {limit} MB."
+NO_SIDE = "Image is {width}x{height} pixels; both sides must be at least 1 pixel."
+TOO_THIN = "Image is {width}x{height} pixels; the aspect ratio must be at most {aspect}:1."
+OVER_PIXELS = "Image is {width}x{height} pixels ({pixels} megapixels); the limit is {limit} megapixels."
+UNKNOWN_DETAIL = "Unknown detail level '{detail}'; use low, auto or high."
+MESSAGES = (UNSUPPORTED, DAMAGED, EMPTY, TOO_MANY_PIXELS, TOO_LARGE, NO_SIDE, TOO_THIN, OVER_PIXELS, UNKNOWN_DETAIL)
 
 
 class ImageError(ValueError):
-    """A refused image; str(err) is a plain, user-facing sentence naming the limit."""
+    """A refused image; str(err) is a plain, user-facing sentence naming the limit.
+
+    Raised with one of MESSAGES and its values: `template` and `values` stay on the error.
+    """
+
+    def __init__(self, template: str, **values) -> None:
+        super().__init__(template.format(**values) if values else template)
+        self.template = template
+        self.values = values
 
 
 @dataclass(frozen=True)
@@ -78,7 +96,7 @@ class CleanImage:
 def _checked_open(data: bytes, max_bytes: int, max_pixels: int) -> Iterator[Image.Image]:
     """Open untrusted bytes after the cheap checks; every failure inside becomes an ImageError."""
     if not data:
-        raise ImageError("The image file is empty.")
+        raise ImageError(EMPTY)
     check_size(len(data), max_bytes)
     try:
         # Pillow warns (and only at ~89 MP) instead of refusing; as an error it stops
@@ -91,9 +109,7 @@ def _checked_open(data: bytes, max_bytes: int, max_pixels: int) -> Iterator[Imag
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageError(
-            f"Image has too many pixels; the limit is {_millions(max_pixels)} megapixels."
-        ) from err
+        raise ImageError(TOO_MANY_PIXELS, limit=_millions(max_pixels)) from err
     except Image.UnidentifiedImageError as err:
         raise ImageError(
             DAMAGED if data.startswith(_SIGNATURES) or _is_webp(data) else UNSUPPORTED
@@ -108,9 +124,7 @@ def _checked_open(data: bytes, max_bytes: int, max_pixels: int) -> Iterator[Imag
 def check_size(n_bytes: int, max_bytes: int) -> None:
     """Refuse an image of `n_bytes` (known before any byte is decoded, e.g. from a base64 length)."""
     if n_bytes > max_bytes:
-        raise ImageError(
-            f"Image is {_over(n_bytes, max_bytes)} MB; the limit is {_millions(max_bytes)} MB."
-        )
+        raise ImageError(TOO_LARGE, size=_over(n_bytes, max_bytes), limit=_millions(max_bytes))
 
 
 def check_header(
@@ -155,11 +169,9 @@ def smart_resize(
 ) -> tuple[int, int]:
     """Return (height, width) as transformers' Qwen2-VL/Qwen3-VL image processor resizes it."""
     if height < 1 or width < 1:
-        raise ImageError(f"Image is {width}x{height} pixels; both sides must be at least 1 pixel.")
+        raise ImageError(NO_SIDE, width=width, height=height)
     if max(height, width) / min(height, width) > MAX_ASPECT:
-        raise ImageError(
-            f"Image is {width}x{height} pixels; the aspect ratio must be at most {MAX_ASPECT}:1."
-        )
+        raise ImageError(TOO_THIN, width=width, height=height, aspect=MAX_ASPECT)
     # Python's round() (half to even) is what transformers uses; keep it, the token
     # counts at 720p and 2160p depend on it.
     h_bar = round(height / factor) * factor
@@ -196,15 +208,11 @@ def _check_geometry(width: int, height: int, max_pixels: int) -> None:
     if width < 1 or height < 1:
         raise ImageError(DAMAGED)
     if width * height > max_pixels:
-        raise ImageError(
-            f"Image is {width}x{height} pixels ({_over(width * height, max_pixels)} megapixels); "
-            f"the limit is {_millions(max_pixels)} megapixels."
-        )
+        raise ImageError(OVER_PIXELS, width=width, height=height, pixels=_over(width * height, max_pixels),
+                         limit=_millions(max_pixels))
     # Checked before padding: padding a 1x500 strip to 32x500 would hide it.
     if max(width, height) / min(width, height) > MAX_ASPECT:
-        raise ImageError(
-            f"Image is {width}x{height} pixels; the aspect ratio must be at most {MAX_ASPECT}:1."
-        )
+        raise ImageError(TOO_THIN, width=width, height=height, aspect=MAX_ASPECT)
 
 
 def _upright(img: Image.Image) -> Image.Image:
@@ -308,7 +316,7 @@ PIXELS_PER_TOKEN = 32 * 32
 def detail_pixels(detail: str) -> tuple[int, int]:
     """(min_pixels, max_pixels) of the processor for a detail level."""
     if detail not in DETAIL_TOKENS:
-        raise ImageError(f"Unknown detail level '{detail}'; use low, auto or high.")
+        raise ImageError(UNKNOWN_DETAIL, detail=detail)
     return MIN_TOKENS * PIXELS_PER_TOKEN, DETAIL_TOKENS[detail] * PIXELS_PER_TOKEN
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from PIL import Image
 
 from chat import i18n
 from chat.conversation import MODES, localized
@@ -269,3 +273,218 @@ def test_a_chinese_browser_hears_and_reads_chinese(browser, server):
         assert not any("Answering" in a for a in page.evaluate("() => window.__announced"))
     finally:
         context.close()
+
+
+# -- issue 13, leftovers: refused images and imports, the LoRA/engine refusals, the boxes' caption ----------------
+
+# Words that stay as they are in a Chinese sentence: formats, units, names of fields in a JSON export.
+_KEPT = {"PNG", "JPEG", "WebP", "GIF", "BMP", "MB", "UTF", "JSON", "vlchat", "sha256", "base64", "format",
+         "conversation", "images", "current", "low", "auto", "high", "HTTP", "GPU", "LoRA", "KV"}
+
+
+def english_left(chinese: str, *values: str) -> list[str]:
+    """English words left in a translated sentence, other than the kept ones and the values carried over."""
+    for value in values:
+        chinese = chinese.replace(value, "")
+    return [w for w in re.findall(r"[A-Za-z][A-Za-z0-9]+", chinese) if w not in _KEPT]
+
+
+def assert_chinese(english: str, *values: str) -> str:
+    from chat.i18n_text import translate
+
+    chinese = translate(english, "zh-CN")
+    assert chinese != english and not english_left(chinese, *values), (english, chinese)
+    assert any("\u4e00" <= c <= "\u9fff" for c in chinese), chinese
+    return chinese
+
+
+def refused_images() -> list[str]:
+    """What chat.images says about each kind of refused file (the real errors, values and all)."""
+    from chat import images
+
+    tall = io.BytesIO()
+    Image.new("RGB", (1, 300)).save(tall, format="PNG")
+    big = io.BytesIO()
+    Image.new("RGB", (300, 300)).save(big, format="PNG")
+    attempts = [lambda: images.sanitize(b""), lambda: images.sanitize(b"not an image at all"),
+                lambda: images.sanitize(b"\x89PNG\r\n\x1a\n" + b"\0" * 40),
+                lambda: images.sanitize(tall.getvalue()),
+                lambda: images.sanitize(big.getvalue(), max_pixels=50_000),
+                lambda: images.sanitize(big.getvalue(), max_bytes=100),
+                lambda: images.smart_resize(0, 10, min_pixels=1, max_pixels=100),
+                lambda: images.detail_pixels("medium")]
+    out = []
+    for attempt in attempts:
+        with pytest.raises(images.ImageError) as err:
+            attempt()
+        assert err.value.template in images.MESSAGES and str(err.value) == err.value.template.format(**err.value.values)
+        out.append(str(err.value))
+    return out
+
+
+def test_every_refused_image_is_told_in_chinese_as_the_page_shows_it():
+    from chat import images
+    from chat.i18n_catalog import CATALOG
+
+    for template in images.MESSAGES:  # each template: alone (imports) and after the file name (attachments)
+        assert template in CATALOG["zh-CN"] and "{name}: " + template in CATALOG["zh-CN"], template
+    seen = refused_images()
+    assert len(set(seen)) == len(seen)
+    for message in seen:
+        values = re.findall(r"\d+(?:\.\d+)?(?:x\d+)?|'[^']*'", message)
+        values = [value.strip("'") for value in values]
+        chinese = assert_chinese(f"猫 cat.png: {message} Your message is still in the box.", "猫 cat.png", *values)
+        assert chinese.startswith("猫 cat.png：") and chinese.endswith("你的消息还在输入框里。"), chinese
+        for value in values:
+            assert value in chinese, (value, chinese)
+
+
+def test_a_chinese_page_refuses_an_attachment_in_chinese(ctx, tmp_path):
+    from chat import page, ui
+    from tests.test_ui import Req
+
+    broken = tmp_path / "坏了.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (1, 300)).save(thin)
+    send = page.bind(ui.send, ctx, 6)
+    out = list(send(None, {"text": "看", "files": [str(broken)]}, "general", 0.0, 0.9, 16, "", "auto",
+                    request=zh_request()))
+    assert "⚠ 坏了.png：图片文件已损坏或不完整。" in out[-1][-1], out[-1][-1]
+    out = list(send(None, {"text": "看", "files": [str(thin)]}, "general", 0.0, 0.9, 16, "", "auto",
+                    request=zh_request()))
+    assert "thin.png：图片为 1x300 像素；宽高比最多为 200:1。" in out[-1][-1], out[-1][-1]
+    out = list(send(None, {"text": "look", "files": [str(thin)]}, "general", 0.0, 0.9, 16, "", "auto",
+                    request=Req()))
+    assert "thin.png: Image is 1x300 pixels; the aspect ratio must be at most 200:1." in out[-1][-1]
+
+
+def import_refusals(monkeypatch) -> list[str]:
+    """Every reason chat.history_io gives for refusing a file, from the real checks."""
+    from chat import history_io
+    from chat.config import Settings
+    from chat.notices import Notice
+
+    png_bytes = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(png_bytes, format="PNG")
+    sha = "a" * 64
+
+    def export(**changes):
+        data = {"format": history_io.FORMAT, "version": history_io.FORMAT_VERSION, "title": "t",
+                "messages": [{"role": "user", "text": "hi"}]}
+        data.update(changes)
+        return data
+
+    def message(**changes):
+        return export(messages=[{"role": "user", "text": "hi", **changes}])
+
+    def image(data: bytes):
+        return [{"sha256": sha, "data": base64.b64encode(data).decode()}]
+
+    settings = Settings(max_images_per_message=2, max_images_per_conversation=3)
+    raws = [b"\xff\xfe\xfa", b"[" * 20 + b"]" * 20, b"{nope", b'{"format": "other"}',
+            json.dumps(export(version=99)).encode(), b"x" * 2_000_000]
+    plans = [export(extra=1), export(messages=[]), export(title=5), export(title="t" * 1001), export(current=7),
+             export(images={"a": 1}), export(images=image(b"")[:1] * 4), export(images=[{"sha256": "no", "data": ""}]),
+             export(images=[{"sha256": sha, "data": "###"}]), export(images=image(b"not an image")),
+             export(images=[[]]), message(parent=0), message(role="robot"), message(image_ids="x"),
+             export(images=image(png_bytes.getvalue()), messages=[{"role": "user", "image_ids": [sha] * 3}]),
+             message(image_ids=[sha]), message(text=["x"]), message(settings=[1]), message(settings={"k y": [1]}),
+             export(settings="x"), export(messages=[{"role": "user"}] * 3)]
+    out = []
+    monkeypatch.setattr(history_io, "IMPORT_MAX_BYTES", 1_500_000)
+    for raw in raws:
+        with pytest.raises(Notice) as err:
+            history_io.parse(raw)
+        out.append(err.value.message)
+    monkeypatch.setattr(history_io, "MAX_MESSAGES", 2)
+    for data in plans:
+        with pytest.raises(Notice) as err:
+            history_io.checked(data, settings, 1000)
+        out.append(err.value.message)
+    out.append(history_io._refuse("its messages do not fit together.").message)
+    return out
+
+
+def test_every_import_refusal_is_told_in_chinese(monkeypatch):
+    from chat.i18n_text import translate
+
+    reasons = import_refusals(monkeypatch)
+    assert len(set(reasons)) == len(reasons), reasons  # each check above hit a reason of its own
+    for message in reasons:
+        assert message.startswith("This file cannot be imported: ") and message.endswith(" Nothing was imported.")
+        values = re.findall(r"(?<![\w.,])\d(?:[\d.,]*\d)?|'[^']*'|\[[^\]]*\]", message)
+        chinese = assert_chinese(message, *values, "extra")  # extra: the unknown field's name, as it was
+        assert chinese.startswith("无法导入此文件：") and chinese.endswith("没有导入任何内容。"), chinese
+    # The refused image inside, and the message's part, named in Chinese.
+    chinese = [translate(m, "zh-CN") for m in reasons]
+    assert any("：图片 1：不支持的图片格式；" in m for m in chinese), chinese
+    assert any("：消息 1 的设置：'k y' 不是简单的值。" in m for m in chinese), chinese
+
+
+def test_the_engine_s_refusals_and_the_other_features_notices_are_told_in_chinese():
+    from chat import ratelimit_gate
+    from chat.engine import types, wire
+    from chat.engine.filtered import BROKEN, ContentFiltered
+    from chat.engine.local import engine, retry
+    from chat.ratelimit import Refusal
+
+    box = " Your message is still in the box."
+    for error in (types.UnknownAdapter("my-lora", ()), types.Busy(3), types.NotReady(), types.ShuttingDown(),
+                  ContentFiltered()):
+        assert assert_chinese(f"{error}{box}", "my-lora").endswith("你的消息还在输入框里。"), error
+    assert assert_chinese(f"{types.UnknownAdapter('x', ('lo-a', 'lo-b'))}{box}", "lo-a, lo-b").startswith(
+        "这里没有提供模型“x”（LoRA 适配器：lo-a, lo-b）。")
+    for line in (wire.UNREACHABLE, BROKEN, engine.GENERIC_FAILURE, retry.OUT_OF_MEMORY, retry.LOWERED_NOTICE,
+                 "The model server refused the request (HTTP 418).", "The conversation is too long for the model.",
+                 "An image of this conversation could not be read; start a new chat."):
+        assert_chinese(line, "418")
+    for what in ("requests", "tokens"):
+        for seconds in (1, 5, 119, 600, 9000):
+            message = ratelimit_gate.page_message(Refusal(what, seconds))
+            number = re.search(r"\d+", message)[0]
+            assert number in assert_chinese(message, number), message
+
+
+def test_the_boxes_caption_and_alt_text_are_in_the_page_s_language_each_time_the_chat_is_drawn(tmp_path):
+    from chat.i18n_text import speaking
+    from chat.render import chat_history
+    from chat.store import Store
+    from tests.test_grounding import ANSWER, conversation
+
+    store = Store(tmp_path)
+    try:
+        conv, _ = conversation(store, (ANSWER, "complete"))
+        english = chat_history(store, store.messages("me", conv))[1]["content"]["text"]
+        with speaking("zh-CN"):
+            chinese = chat_history(store, store.messages("me", conv))[1]["content"]["text"]
+        again = chat_history(store, store.messages("me", conv))[1]["content"]["text"]
+    finally:
+        store.close()
+    assert 'alt="Boxes: cat, red car (2)"' in english and ">Boxes: cat, red car (2)</p>" in english
+    assert 'alt="框：cat、red car (2)"' in chinese and ">框：cat、red car (2)</p>" in chinese, chinese
+    assert again == english  # nothing of the Chinese view was kept: the caption is made per view
+    src = re.compile(r'<img src="([^"]+)"')
+    assert src.search(english)[1] == src.search(chinese)[1]  # the same drawn file (keyed by content)
+
+
+def test_points_and_unlabelled_marks_in_chinese():
+    from chat.grounding import Mark, summary
+    from chat.i18n_text import speaking
+
+    marks = [Mark("", box=(1.0, 2.0, 3.0, 4.0)), Mark("door", point=(5.0, 6.0)), Mark("door", point=(7.0, 8.0))]
+    assert summary(marks) == "Boxes: unlabelled. Points: door (2)"
+    with speaking("zh-CN"):
+        assert summary(marks) == "框：未标注。点：door (2)"
+
+
+def test_a_chinese_page_hears_of_an_adapter_it_does_not_serve_in_chinese(ctx):
+    from chat import page, ui
+    from tests.test_ui import Req
+
+    send = page.bind(ui.send, ctx, 6)
+    args = (None, {"text": "你好", "files": []}, "general", 0.0, 0.9, 16, "", "auto")
+    out = list(send(*args, request=zh_request(), adapter="my-lora"))
+    assert out[-1][-1].endswith("⚠ 这里没有提供模型“my-lora”（没有加载任何 LoRA 适配器）。你的消息还在输入框里。</div>")
+    out = list(send(*args, request=Req(), adapter="my-lora"))
+    assert "The model &#x27;my-lora&#x27; is not served here (LoRA adapters: none are loaded). Your" in out[-1][-1]
