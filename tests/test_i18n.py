@@ -437,7 +437,8 @@ def test_the_engine_s_refusals_and_the_other_features_notices_are_told_in_chines
         "这里没有提供模型“x”（LoRA 适配器：lo-a, lo-b）。")
     for line in (wire.UNREACHABLE, BROKEN, engine.GENERIC_FAILURE, retry.OUT_OF_MEMORY, retry.LOWERED_NOTICE,
                  "The model server refused the request (HTTP 418).", "The conversation is too long for the model.",
-                 "An image of this conversation could not be read; start a new chat."):
+                 "An image of this conversation could not be read; start a new chat.",
+                 "The content filter failed, so nothing was sent; try again later. Your message is still in the box."):
         assert_chinese(line, "418")
     for what in ("requests", "tokens"):
         for seconds in (1, 5, 119, 600, 9000):
