@@ -285,10 +285,13 @@ def test_open_webui_title_and_tag_generation(server):
 def test_continue_extends_the_last_assistant_message(server):
     client = sdk(server)
     ask = [{"role": "user", "content": "Write a long story."}]
-    first = client.chat.completions.create(model="vlchat", messages=ask, max_tokens=16, temperature=0)
+    # No presence penalty (the model's default is 1.5): it counts only the tokens this request generates, as
+    # vLLM's does, so a continued answer would be penalised differently from the whole one.
+    first = client.chat.completions.create(model="vlchat", messages=ask, max_tokens=16, temperature=0,
+                                           presence_penalty=0)
     start = first.choices[0].message.content
     # Open WebUI's Continue: the history ends with the partial answer; the reply is what follows it.
-    cont = client.chat.completions.create(model="vlchat", max_tokens=8, temperature=0,
+    cont = client.chat.completions.create(model="vlchat", max_tokens=8, temperature=0, presence_penalty=0,
                                           messages=[*ask, {"role": "assistant", "content": start[:8]}])
     assert cont.choices[0].message.content == start[8:][:len(cont.choices[0].message.content)]
     assert cont.usage.prompt_tokens_details.cached_tokens > 0  # the conversation's prefix was reused
