@@ -105,6 +105,14 @@ class Settings:
         "", "Tokens (prompt plus answer) one API key, browser or login may use, e.g. 100000/minute (per second, "
         "minute or hour; several separated by commas).", check="rates",
     )
+    address_rate_limit: str = _opt(
+        "", "Requests one client address may make in all (page messages and API calls, whatever the key, browser "
+        "or login), on top of --rate-limit, e.g. 600/hour; behind a reverse proxy every client shares its "
+        "address.", check="rates",
+    )
+    address_token_limit: str = _opt(
+        "", "Tokens one client address may use in all, on top of --token-limit, e.g. 1000000/hour.", check="rates",
+    )
     cpu_threads: int = _opt(
         0, "Torch threads for the model on the CPU; 0 picks one per core but one (left to the web server), at "
         "most 8. With several servers on one machine, lower it.", lo=0,

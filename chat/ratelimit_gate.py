@@ -6,6 +6,9 @@ Who is limited (each request counts against one subject):
   reports it (`request.client.host`; behind a reverse proxy that is the proxy's);
 - a page message (send, describe, regenerate, an edited question): its owner, the logged-in user
   with --auth, else the browser.
+With --address-rate-limit / --address-token-limit, every page message and API call also counts against
+its client address, whoever sent it (a script that drops its cookie, or many keys from one machine); the
+headers then show whichever of the two limits is closer to running out.
 
 A refused API request is a 429 in the OpenAI envelope (code `rate_limit_exceeded`) with
 `Retry-After`; every answer of a limited route carries `x-ratelimit-limit/remaining/reset-requests`
@@ -69,9 +72,11 @@ def limit_headers(ticket: Ticket) -> dict:
 class Gate:
     """The server's limits (from --rate-limit and --token-limit) and their refusal counter; built once by app.py."""
 
-    def __init__(self, rate_limit: str = "", token_limit: str = "",
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, rate_limit: str = "", token_limit: str = "", address_rate_limit: str = "",
+                 address_token_limit: str = "", clock: Callable[[], float] = time.monotonic) -> None:
         self.limiter = RateLimiter(parse_rates(rate_limit), parse_rates(token_limit), clock=clock)
+        self.by_address = RateLimiter(parse_rates(address_rate_limit), parse_rates(address_token_limit),
+                                      clock=clock)
         self.registry = CollectorRegistry()
         self.refused = Counter("vlchat_rate_limited", "Requests and page messages refused by a rate limit.",
                                ["kind", "limit"], registry=self.registry)
@@ -79,23 +84,31 @@ class Gate:
     @classmethod
     def from_settings(cls, settings) -> Gate:
         """The gate for a Settings."""
-        return cls(getattr(settings, "rate_limit", ""), getattr(settings, "token_limit", ""))
+        return cls(getattr(settings, "rate_limit", ""), getattr(settings, "token_limit", ""),
+                   getattr(settings, "address_rate_limit", ""), getattr(settings, "address_token_limit", ""))
 
     @property
     def enabled(self) -> bool:
         """Whether any limit is set."""
-        return self.limiter.enabled
+        return self.limiter.enabled or self.by_address.enabled
 
     def render(self) -> bytes:
         """Prometheus text for /metrics (nothing when no limit is set)."""
         return generate_latest(self.registry) if self.enabled else b""
 
-    def admit(self, subject: str, kind: str) -> Ticket:
-        """An admission for `subject`; a refusal is counted under `kind`."""
+    def admit(self, subject: str, kind: str, address: str | None = None) -> Ticket:
+        """An admission for `subject` (and, with address limits, for the client `address` too); a refusal is
+        counted under `kind` (or 'all-address')."""
         ticket = self.limiter.admit(subject)
         if ticket.refusal is not None:
             self.refused.labels(kind=kind, limit=ticket.refusal.what).inc()
-        return ticket
+            return ticket
+        if not self.by_address.enabled:
+            return ticket
+        both = Tickets(ticket, self.by_address.admit("address:" + (address or "unknown")))
+        if both.refusal is not None:
+            self.refused.labels(kind="all-address", limit=both.refusal.what).inc()
+        return both
 
     # -- the API --
 
@@ -103,12 +116,12 @@ class Gate:
         """Admit an API request (by its key when keys are configured, else by address) or raise a 429 ApiError."""
         if not self.enabled:
             return NO_LIMITS.admit("")
+        address = client_address(request)
         if keyed:
             subject, kind = owner, "key"
         else:
-            client = getattr(request, "client", None)
-            subject, kind = "address:" + (getattr(client, "host", None) or "unknown"), "address"
-        ticket = self.admit(subject, kind)
+            subject, kind = "address:" + (address or "unknown"), "address"
+        ticket = self.admit(subject, kind, address)
         if ticket.refusal is not None:
             # OpenAI's type is what ran out ("requests" or "tokens"); the code is always rate_limit_exceeded.
             raise ApiError(429, api_message(ticket.refusal), ticket.refusal.what, code="rate_limit_exceeded",
@@ -117,19 +130,61 @@ class Gate:
 
     # -- the page --
 
-    def page(self, owner: str) -> Ticket:
-        """Admit a page message of `owner` ('browser:...' or 'user:...') or raise a Notice saying when to retry."""
+    def page(self, owner: str, address: str | None = None) -> Ticket:
+        """Admit a page message of `owner` ('browser:...' or 'user:...') from client `address`, or raise a Notice
+        saying when to retry."""
         if not self.enabled:
             return NO_LIMITS.admit("")
-        ticket = self.admit(owner, owner.split(":", 1)[0])
+        ticket = self.admit(owner, owner.split(":", 1)[0], address)
         if ticket.refusal is not None:
             raise Notice(page_message(ticket.refusal))
         return ticket
 
 
-def page_ticket(gate: Gate | None, owner: str) -> Ticket:
-    """`gate.page(owner)`, or an admission that limits nothing when the page has no gate (tests, tools)."""
-    return gate.page(owner) if gate is not None else NO_LIMITS.admit("")
+def page_ticket(gate: Gate | None, owner: str, address: str | None = None) -> Ticket:
+    """`gate.page(owner, address)`, or an admission that limits nothing when the page has no gate (tests, tools)."""
+    return gate.page(owner, address) if gate is not None else NO_LIMITS.admit("")
+
+
+def client_address(request) -> str | None:
+    """The client's address as the ASGI server reports it (a gr.Request or a starlette Request)."""
+    client = getattr(request, "client", None)
+    return getattr(client, "host", None) if client is not None else None
+
+
+class Tickets:
+    """Two admissions as one (the subject's and its address's): refused if either is, charged and refunded
+    together; the header numbers are the one with fewer requests (and tokens) left."""
+
+    def __init__(self, own: Ticket, address: Ticket) -> None:
+        self.parts = (own, address)
+        self.refusal = own.refusal or address.refusal
+        if self.refusal is not None:
+            for part in self.parts:
+                part.refund()  # neither counts: the request does not run
+        self.requests = _tighter(own.requests, address.requests)
+        self.tokens = _tighter(own.tokens, address.tokens)
+
+    @property
+    def admitted(self) -> bool:
+        return self.refusal is None
+
+    def charge(self, tokens: int) -> None:
+        for part in self.parts:
+            part.charge(tokens)
+
+    def refund(self) -> None:
+        for part in self.parts:
+            part.refund()
+
+    def on_finish(self, then: Callable | None = None) -> Callable:
+        return self.parts[0].on_finish(self.parts[1].on_finish(then))
+
+
+def _tighter(a, b):
+    if a is None or b is None:
+        return a or b
+    return a if a.remaining <= b.remaining else b
 
 
 def api_ticket(state, request, owner: str) -> Ticket:

@@ -41,7 +41,7 @@ from chat.i18n import lang_of
 from chat.i18n_text import say, translate  # issue 13: status lines in the page's language
 from chat.images import DEFAULT_DETAIL, DETAILS, plan
 from chat.notices import Notice
-from chat.ratelimit_gate import page_ticket
+from chat.ratelimit_gate import client_address, page_ticket
 from chat.render import chat_history
 from chat.store import NotFound, Store
 from chat.stream import Turn, forget_session, stream, switch_view, view_token, wait_turn
@@ -283,10 +283,11 @@ def _turn_settings(temperature, top_p, max_new_tokens, system, detail: str | Non
 
 
 def _submit(ctx: Ctx, owner: str, conv_id: str | None, rows: list[dict], settings: dict, mode: str, turn: Turn,
-            images: dict | None = None, lang: str | None = None):
+            images: dict | None = None, lang: str | None = None, address: str | None = None):
     """Hand the conversation to the engine; a refusal (busy, loading, too long) is a Notice, nothing stored.
 
-    `lang`: the page's language (chat.i18n); the mode's prompt is in it (issue 13).
+    `lang`: the page's language (chat.i18n); the mode's prompt is in it (issue 13). `address`: the client's,
+    for --address-rate-limit.
     """
     system = settings["system"].strip() or localized(mode_for(mode), lang).system_prompt
     params = ctx.settings.clamp_params(settings["temperature"], settings["top_p"], settings["max_new_tokens"],
@@ -295,7 +296,7 @@ def _submit(ctx: Ctx, owner: str, conv_id: str | None, rows: list[dict], setting
                                        frequency_penalty=settings.get("frequency_penalty"))  # issue 14
     request = ChatRequest(engine_messages(rows, system), params, session=conv_id, cache_salt=owner,
                           images=images or {}, adapter=settings.get("adapter") or "")  # issue 14: LoRA
-    ticket = page_ticket(ctx.limits, owner)  # issue 14: over the rate limit -> a Notice saying when; nothing stored
+    ticket = page_ticket(ctx.limits, owner, address)  # issue 14: over a rate limit -> a Notice; nothing stored
     try:
         # issue 14 (chat/trim.py): too long for the context -> the oldest turns are left out, and the answer says so
         handle, trimmed = trim.submit(ctx.engine, request, ticket.on_finish(turn.on_finish),
@@ -350,7 +351,7 @@ def send(ctx: Ctx, conv_id, box, mode, temperature, top_p, max_new_tokens, syste
                 "status": "complete"}
     turn = Turn(ctx, owner)
     handle = _submit(ctx, owner, conv_id, [*rows, question], settings, m.key, turn,
-                     {i.sha256: i.data for i in images}, lang=lang)
+                     {i.sha256: i.data for i in images}, lang=lang, address=client_address(request))
     try:  # accepted: now it is stored
         ids = [ctx.store.put_image(i.data, mime=i.mime, width=i.width, height=i.height) for i in images]
         if not conv_id:
@@ -406,7 +407,8 @@ def regenerate(ctx: Ctx, conv_id, mode, temperature, top_p, max_new_tokens, syst
                               adapter=adapter or None)
     m = mode_for(mode)
     turn = Turn(ctx, owner)
-    handle = _submit(ctx, owner, conv_id, rows, settings, m.key, turn, lang=lang_of(request))
+    handle = _submit(ctx, owner, conv_id, rows, settings, m.key, turn, lang=lang_of(request),
+                     address=client_address(request))
     try:  # a sibling of the answers so far (issue 13: versions)
         answer_id = ctx.store.add_message(owner, conv_id, role="assistant", text="", status="pending", mode=m.key,
                                           settings=settings, parent_id=rows[-1]["id"])

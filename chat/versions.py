@@ -22,6 +22,7 @@ from chat.conversation import localized, mode_for
 from chat.i18n import lang_of
 from chat.i18n_text import say, translate
 from chat.notices import Notice
+from chat.ratelimit_gate import client_address
 from chat.render import chat_history
 from chat.store import NotFound
 from chat.stream import Turn, stream, view_token, wait_turn
@@ -207,7 +208,8 @@ def edit(ctx: ui.Ctx, conv_id, target, text, mode, temperature, top_p, max_new_t
     question = {"role": "user", "text": asked, "image_ids": original["image_ids"], "settings": settings,
                 "status": "complete"}
     turn = Turn(ctx, owner)
-    handle = ui._submit(ctx, owner, conv_id, [*rows[:at], question], settings, m.key, turn, lang=lang)
+    handle = ui._submit(ctx, owner, conv_id, [*rows[:at], question], settings, m.key, turn, lang=lang,
+                        address=client_address(request))
     try:  # accepted: the new version is stored beside the old one
         question_id = ctx.store.add_message(owner, conv_id, role="user", text=asked, image_ids=original["image_ids"],
                                             image_names=original.get("image_names") or [], mode=m.key,

@@ -233,6 +233,35 @@ def test_page_token_limit_counts_the_answers_real_usage(ctx):
     send(ctx, conv_id, "more", max_new=8)
 
 
+def test_address_limit_counts_everyone_from_one_address_and_refunds_a_refusal():
+    clock = Clock()
+    gate = Gate("5/minute", address_rate_limit="2/minute", clock=clock)
+    assert gate.page("browser:a", "10.0.0.1").admitted
+    assert gate.page("browser:b", "10.0.0.1").admitted  # another browser (a script that dropped its cookie)
+    with pytest.raises(Notice, match="Too many messages"):
+        gate.page("browser:c", "10.0.0.1")
+    moved = gate.page("browser:c", "10.0.0.2")  # another address is not affected
+    # The refusal by address took nothing from browser c's own bucket: this admission leaves 4 of 5.
+    assert moved.admitted and moved.parts[0].requests.remaining == 4
+    assert moved.requests.remaining == 1  # the headers show the tighter of the two: the address's
+    assert b'vlchat_rate_limited_total{kind="all-address",limit="requests"} 1.0' in gate.render()
+    clock.now += 30
+    assert gate.page("browser:d", "10.0.0.1").admitted
+
+
+def test_page_address_limit_reaches_the_handlers(ctx):
+    from types import SimpleNamespace
+
+    ctx.limits = Gate(address_rate_limit="1/minute", clock=Clock())
+    here = SimpleNamespace(host="10.9.9.9")
+    first, second = Req(), Req(browser=OTHER)
+    first.client = second.client = here
+    send(ctx, None, "first", req=first)
+    with pytest.raises(Notice, match="Too many messages"):
+        send(ctx, None, "from another browser on the same machine", req=second)
+    assert ctx.store.list_conversations(OTHER) == []
+
+
 # -- a real server, the openai client -------------------------------------------------------------
 
 
@@ -242,6 +271,8 @@ def servers(tmp_path_factory, model_dir):
         "keys": Server(data_dir(tmp_path_factory, model_dir, "rl-keys"), "--api-key", "k1,k2",
                        "--rate-limit", "2/minute", "--token-limit", "1000000/minute"),
         "open": Server(data_dir(tmp_path_factory, model_dir, "rl-open"), "--token-limit", "5/minute"),
+        "address": Server(data_dir(tmp_path_factory, model_dir, "rl-address"), "--api-key", "k1,k2",
+                          "--address-rate-limit", "3/minute"),
     }
     with running(group):
         yield group
@@ -322,3 +353,16 @@ def test_page_in_a_browser_says_when_to_try_again_and_keeps_the_message(tmp_path
     finally:
         context.close()
         srv.stop()
+
+
+def test_address_limit_counts_every_key_from_one_address(servers):
+    srv = servers["address"]
+    k1, k2 = client(srv, "k1"), client(srv, "k2")
+    k1.chat.completions.create(**CHAT)
+    k1.chat.completions.create(**CHAT)
+    raw = k2.chat.completions.with_raw_response.create(**CHAT)  # k2's own bucket is full; the address's is not
+    assert raw.headers["x-ratelimit-remaining-requests"] == "0"
+    with pytest.raises(openai.RateLimitError) as refused:
+        k2.chat.completions.create(**CHAT)
+    assert refused.value.code == "rate_limit_exceeded" and int(refused.value.response.headers["retry-after"]) >= 1
+    assert metric(srv.base, 'vlchat_rate_limited_total{kind="all-address",limit="requests"}') == 1
