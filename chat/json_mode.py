@@ -27,7 +27,7 @@ import jsonschema
 from jsonschema.exceptions import SchemaError
 
 from chat.engine.types import ChatRequest, Delta, Done, Usage
-from chat.openai_parse import ApiError, bad
+from chat.openai_parse import ApiError, bad, json_depth
 from chat.tools import content_and_calls
 
 log = logging.getLogger("vlchat.api")
@@ -87,18 +87,6 @@ def _unfenced(text: str) -> str:
     return body.strip()
 
 
-def _depth(value) -> int:
-    deepest, todo = 0, [(value, 1)]
-    while todo:
-        item, depth = todo.pop()
-        deepest = max(deepest, depth)
-        if isinstance(item, dict):
-            todo.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            todo.extend((v, depth + 1) for v in item)
-    return deepest
-
-
 def read_format(response_format, param: str = "response_format") -> JsonFormat | None:
     """The request's `response_format` (the pydantic model) as a JsonFormat; None for text; 400 if unusable."""
     if response_format is None or response_format.type == "text":
@@ -113,7 +101,7 @@ def read_format(response_format, param: str = "response_format") -> JsonFormat |
     if spec.schema_ is None:
         raise bad("A json_schema response format needs its schema (a JSON Schema object).", where)
     schema = spec.schema_
-    if _depth(schema) > MAX_SCHEMA_DEPTH or len(json.dumps(schema, ensure_ascii=False)) > MAX_SCHEMA_CHARS:
+    if json_depth(schema) > MAX_SCHEMA_DEPTH or len(json.dumps(schema, ensure_ascii=False)) > MAX_SCHEMA_CHARS:
         raise bad(f"The JSON schema is too large (at most {MAX_SCHEMA_CHARS:,} characters and {MAX_SCHEMA_DEPTH} "
                   "levels).", where)
     try:

@@ -134,8 +134,8 @@ def _tool_calls(msg: Message) -> list[dict]:
             f.arguments, ensure_ascii=False)}} for i, f in calls]
 
 
-def _depth(value) -> int:
-    """How deeply a JSON value nests (without recursion)."""
+def json_depth(value) -> int:
+    """How deeply a parsed JSON value nests (without recursion)."""
     deepest, todo = 0, [(value, 1)]
     while todo:
         item, depth = todo.pop()
@@ -319,7 +319,7 @@ def _tools(req: ChatCompletionRequest) -> tuple[list[dict] | None, bool]:
     if choice == "none":  # the model is not told about them (as vLLM does by default for 'none')
         return None, False
     for k, tool in enumerate(tools):
-        if _depth(tool) > MAX_TOOL_DEPTH:
+        if json_depth(tool) > MAX_TOOL_DEPTH:
             raise bad(f"A tool's definition may nest {MAX_TOOL_DEPTH} levels deep at most.", f"tools[{k}]")
     return tools, True
 

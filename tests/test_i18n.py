@@ -15,8 +15,9 @@ from PIL import Image
 from chat import i18n
 from chat.conversation import MODES, localized
 from tests.servers import Server, data_dir
-from tests.test_a11y_axe import AXE_JS, assert_clean
+from tests.test_a11y_axe import assert_clean
 from tests.test_e2e_browser import send, wait_idle
+from tests.test_page_ux import open_page
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,18 +54,8 @@ def server(tmp_path_factory, model_dir):
     srv.stop()
 
 
-def open_page(browser, server, locale: str):
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, locale=locale)
-    context.add_init_script(path=str(AXE_JS))
-    page = context.new_page()
-    page.goto(server.base + "/")
-    page.locator("#input textarea").wait_for(timeout=60_000)
-    page.wait_for_function("() => !document.querySelector('#input textarea').disabled", timeout=60_000)
-    return context, page
-
-
 def test_a_chinese_browser_gets_a_chinese_page_and_can_choose_english(browser, server):
-    context, page = open_page(browser, server, "zh-CN")
+    context, page = open_page(browser, server, locale="zh-CN")
     try:
         assert page.evaluate("() => document.documentElement.lang") == "zh-CN"
         assert page.locator("#new-chat").inner_text() == "新对话"
@@ -96,7 +87,7 @@ def test_a_chinese_browser_gets_a_chinese_page_and_can_choose_english(browser, s
 
 
 def test_an_english_browser_can_choose_chinese(browser, server):
-    context, page = open_page(browser, server, "en-US")
+    context, page = open_page(browser, server, locale="en-US")
     try:
         assert page.evaluate("() => document.documentElement.lang") == "en"
         assert page.locator("#new-chat").inner_text() == "New chat"
