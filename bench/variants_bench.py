@@ -28,7 +28,7 @@ from common import REAL, SMOKE, build, png_bytes
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chat.engine.local.engine import Engine  # noqa: E402
-from chat.engine.local.lora import GROUPS, Adapter, LoraSet  # noqa: E402
+from chat.engine.local.lora import GROUPS, Adapter, LoraSet, module_of  # noqa: E402
 from chat.engine.local.runner import Runner  # noqa: E402
 from chat.engine.types import ChatRequest, Done, GenParams  # noqa: E402
 from chat.images import open_clean  # noqa: E402
@@ -88,8 +88,7 @@ def random_adapters(model, n: int, rank: int) -> LoraSet:
         for i, layer in enumerate(layers):
             for mods in GROUPS.values():
                 for name in mods:
-                    lin = getattr(layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp,
-                                  name)
+                    lin = module_of(layer, name)
                     weights[(i, name)] = (torch.randn(rank, lin.in_features, generator=g) * 0.01,
                                           torch.randn(lin.out_features, rank, generator=g) * 0.01)
                     scales[(i, name)] = 2.0

@@ -115,12 +115,11 @@ class LoraSet:
         n, r = len(adapters), self.rank
         self.a: list[dict[str, torch.Tensor]] = []
         self.b: list[dict[str, torch.Tensor]] = []
-        used = {(g, i) for a in adapters for (i, m) in a.weights for g in [MODULE_GROUP[m]]}
-        self.groups = sorted({g for g, _ in used}, key=list(GROUPS).index)
+        self.groups = sorted({MODULE_GROUP[m] for a in adapters for _, m in a.weights}, key=list(GROUPS).index)
         for i, layer in enumerate(layers):
             a_layer, b_layer = {}, {}
             for group in self.groups:
-                mods = [_module(layer, m) for m in GROUPS[group]]
+                mods = [module_of(layer, m) for m in GROUPS[group]]
                 ins = mods[0].in_features
                 outs = [m.out_features for m in mods]
                 a_cat = torch.zeros(len(mods) * n * r, ins, dtype=torch.float32)
@@ -167,7 +166,8 @@ class LoraSet:
         return torch.nn.functional.linear(torch.nn.functional.linear(x, a) * masks[group], self.b[layer][group])
 
 
-def _module(layer, name: str):
+def module_of(layer, name: str):
+    """A decoder layer's projection `name` (q_proj ... down_proj)."""
     return getattr(layer.self_attn if name in GROUPS["qkv"] + GROUPS["o"] else layer.mlp, name)
 
 
