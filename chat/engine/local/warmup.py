@@ -59,9 +59,11 @@ def conversation(engine) -> None:
     messages = [{"role": "user", "content": [{"type": "image", "image_id": "warmup"},
                                              {"type": "text", "text": "Describe."}]}]
     try:
-        # Turn 1 arrives while another request decodes (a mixed step); turn 2 alone.
+        # Turn 1 arrives while another request decodes (a mixed step); turn 2 alone. With LoRA adapters loaded the
+        # talker uses one, so steps with adapter rows (their prefill and mixed steps) are built here, not for the
+        # first person who asks for an adapter; decode steps of both kinds are captured with the graphs.
         talker = ChatRequest([{"role": "user", "content": "Count."}], GenParams(temperature=0.0, max_new_tokens=24),
-                             "warmup-talker")
+                             "warmup-talker", adapter=engine.adapters[0] if engine.adapters else "")
         for turn in range(2):
             done = _run(engine, ChatRequest(messages, GenParams(temperature=0.0, max_new_tokens=4), "warmup", image),
                         talker if turn == 0 else None)
