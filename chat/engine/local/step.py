@@ -93,6 +93,15 @@ def _plus(x: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
     return x if extra is None else x + extra
 
 
+def _qkv(attn, x: torch.Tensor, extra: torch.Tensor | None):
+    """q, k and v projections of x through the modules, each with its part of `extra` (the adapters' share)."""
+    q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    if extra is not None:
+        dq, dk, dv = extra.split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
+        q, k, v = q + dq, k + dk, v + dv
+    return q, k, v
+
+
 class ModelStep:
     """Runs packed batches through one Qwen3-VL decoder, reading and writing the paged pool."""
 
@@ -120,7 +129,7 @@ class ModelStep:
         self.fused = fuse_projections(self.layers) if getattr(cfg, "hidden_act", "silu") == "silu" and not \
             self.offloaded else None
         # The whole after-attention half in one call needs bias-free output and down projections (Qwen3-VL's are).
-        self.fused_out = self.fused is not None and not self.offloaded and all(
+        self.fused_out = self.fused is not None and all(
             layer.self_attn.o_proj.bias is None and layer.mlp.down_proj.bias is None for layer in self.layers)
 
     def hidden(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend,
@@ -135,16 +144,14 @@ class ModelStep:
         t, ops, eps = ids.shape[0], self.ops, self.eps
         # No row on an adapter (None): the step is exactly the base model's, at its full speed.
         lora = self.lora if adapter_rows is not None else None
-        if lora is not None:
-            masks = lora.masks(adapter_rows)
+        masks = lora.masks(adapter_rows) if lora is not None else None
         h = self.embed(ids)
         if visual_rows is not None:
             h[visual_rows] = visual_embeds.to(h.dtype)
         cos, sin = self.rotary(h, positions.view(3, 1, t))
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (T, 1, dim)
         if self.offloaded:
-            return self._hidden_by_modules(h, cos, sin, slots, attend, visual_rows, deepstack,
-                                           masks if lora is not None else None)
+            return self._hidden_by_modules(h, cos, sin, slots, attend, visual_rows, deepstack, masks)
         x = ops.rms(h, self.layers[0].input_layernorm.weight, eps)
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -154,10 +161,7 @@ class ModelStep:
                 q, k, v = ops.attention_in(x, self.fused[i][0], attn.q_norm.weight, attn.k_norm.weight, eps, cos, sin,
                                            self.n_heads, self.n_kv, self.head_dim, extra)
             else:
-                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-                if extra is not None:
-                    dq, dk, dv = extra.split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
-                    q, k, v = q + dq, k + dk, v + dv
+                q, k, v = _qkv(attn, x, extra)
                 q = ops.norm_rope(q.view(t, self.n_heads, self.head_dim), attn.q_norm.weight, eps, cos, sin)
                 k = ops.norm_rope(k.view(t, self.n_kv, self.head_dim), attn.k_norm.weight, eps, cos, sin)
                 v = v.view(t, self.n_kv, self.head_dim)
@@ -169,15 +173,7 @@ class ModelStep:
                 continue
             h, x = ops.add_rms(h, _plus(attn.o_proj(o), lora and lora.delta(i, "o", o, masks)),
                                layer.post_attention_layernorm.weight, eps)
-            if lora is not None:
-                gate_up = F.linear(x, self.fused[i][1]) if self.fused is not None else torch.cat(
-                    [mlp.gate_proj(x), mlp.up_proj(x)], dim=-1)
-                act = ops.swiglu(_plus(gate_up, lora.delta(i, "gate_up", x, masks)))
-                delta = _plus(mlp.down_proj(act), lora.delta(i, "down", act, masks))
-            elif self.fused is not None:
-                delta = mlp.down_proj(ops.swiglu(F.linear(x, self.fused[i][1])))
-            else:
-                delta = mlp(x)
+            delta = self._mlp(i, mlp, x, lora, masks) if lora is not None or self.fused is not None else mlp(x)
             if i < len(deepstack):  # image rows get this layer's DeepStack features on top
                 h = h + delta
                 h[visual_rows] += deepstack[i].to(h.dtype)
@@ -192,24 +188,25 @@ class ModelStep:
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             x = layer.input_layernorm(h)
-            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-            extra = lora.delta(i, "qkv", x, masks) if lora is not None else None
-            if extra is not None:
-                dq, dk, dv = extra.split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
-                q, k, v = q + dq, k + dk, v + dv
+            q, k, v = _qkv(attn, x, lora.delta(i, "qkv", x, masks) if lora is not None else None)
             q = attn.q_norm(q.view(t, self.n_heads, self.head_dim))
             k = attn.k_norm(k.view(t, self.n_kv, self.head_dim))
             q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
             self.kv.write(i, slots, k, v.view(t, self.n_kv, self.head_dim))
             o = attend(i, q).reshape(t, -1)
             h = h + _plus(attn.o_proj(o), lora and lora.delta(i, "o", o, masks))
-            x = layer.post_attention_layernorm(h)
-            gate_up = torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], dim=-1)
-            act = self.ops.swiglu(_plus(gate_up, lora and lora.delta(i, "gate_up", x, masks)))
-            h = h + _plus(mlp.down_proj(act), lora and lora.delta(i, "down", act, masks))
+            h = h + self._mlp(i, mlp, layer.post_attention_layernorm(h), lora, masks)
             if i < len(deepstack):
                 h[visual_rows] += deepstack[i].to(h.dtype)
         return self.norm(h)
+
+    def _mlp(self, i: int, mlp, x: torch.Tensor, lora, masks) -> torch.Tensor:
+        """Layer i's SiLU-gated MLP of x through the fused gate/up weight (or its modules), plus the adapters'
+        share of each projection when `lora` is given."""
+        gate_up = F.linear(x, self.fused[i][1]) if self.fused is not None else torch.cat(
+            [mlp.gate_proj(x), mlp.up_proj(x)], dim=-1)
+        act = self.ops.swiglu(_plus(gate_up, lora and lora.delta(i, "gate_up", x, masks)))
+        return _plus(mlp.down_proj(act), lora and lora.delta(i, "down", act, masks))
 
     @torch.inference_mode()
     def forward(self, batch: PackedBatch) -> torch.Tensor:
