@@ -96,15 +96,7 @@
     document.querySelectorAll("#chat img:not([alt]), #chat img[alt='']").forEach((img) => set(img, "alt", "Image"));
   };
 
-  let queued = false;
-  const schedule = () => {
-    if (queued) return;
-    queued = true;
-    requestAnimationFrame(() => {
-      queued = false;
-      fix();
-    });
-  };
+  const schedule = window.vlchat.perFrame(fix);
   const start = () => {
     const root = document.querySelector("gradio-app") || document.body;
     if (!root) return setTimeout(start, 200);

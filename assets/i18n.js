@@ -6,6 +6,24 @@
 // vlchat_lang, which the server reads for what it writes), else the browser's. With a choice, the browser's
 // reported language is set to it before Gradio starts, so Gradio's labels and <html lang> follow it too.
 // No eval, no inline handlers.
+
+// window.vlchat.perFrame(fn): a function that runs `fn` at most once per animation frame however often it is
+// called. The page's scripts watch the DOM with MutationObservers, which fire many times a frame while an
+// answer streams. Set before anything else here, so a failure further down cannot take it from them.
+window.vlchat = Object.assign(window.vlchat || {}, {
+  perFrame: (fn) => {
+    let queued = false;
+    return () => {
+      if (queued) return;
+      queued = true;
+      requestAnimationFrame(() => {
+        queued = false;
+        fn();
+      });
+    };
+  },
+});
+
 (() => {
   const KEY = "vlchat.lang";
   const COOKIE = "vlchat_lang";
@@ -171,15 +189,7 @@
       if (wanted !== text) el.textContent = wanted;
     });
   };
-  let queued = false;
-  const watch = () => {
-    if (queued) return;
-    queued = true;
-    requestAnimationFrame(() => {
-      queued = false;
-      translateStats();
-    });
-  };
+  const watch = window.vlchat.perFrame(translateStats);
   const start = () => {
     const display = document.getElementById("vl-display");
     if (!display) return setTimeout(start, 200);

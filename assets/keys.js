@@ -369,15 +369,7 @@ html.vl-hc #shortcuts-dialog :focus-visible { outline-color: #ffff00; }
     }
   };
 
-  let queued = false;
-  const schedule = () => {
-    if (queued) return;
-    queued = true;
-    requestAnimationFrame(() => {
-      queued = false;
-      fix();
-    });
-  };
+  const schedule = window.vlchat.perFrame(fix);
   const start = () => {
     const root = document.querySelector("gradio-app") || document.body;
     if (!root) return setTimeout(start, 200);

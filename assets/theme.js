@@ -70,16 +70,10 @@
   };
 
   // -- start ----------------------------------------------------------------------------------
-  let queued = false;
-  const check = () => {
-    if (queued) return;
-    queued = true;
-    requestAnimationFrame(() => {
-      queued = false;
-      apply();
-      addField();
-    });
-  };
+  const check = window.vlchat.perFrame(() => {
+    apply();
+    addField();
+  });
   const start = () => {
     if (!document.body) return setTimeout(start, 50);
     touched = choice() !== "system";

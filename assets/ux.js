@@ -62,16 +62,10 @@
     }
   };
 
-  let queued = false;
-  const check = () => {
-    if (queued) return;
-    queued = true;
-    requestAnimationFrame(() => {
-      queued = false;
-      watchConfirm();
-      watchAnswering();
-    });
-  };
+  const check = window.vlchat.perFrame(() => {
+    watchConfirm();
+    watchAnswering();
+  });
   const start = () => {
     if (!document.body) return setTimeout(start, 50);
     new MutationObserver(check).observe(document.body, { subtree: true, childList: true, characterData: true,
